@@ -1,0 +1,1299 @@
+# Copyright 2026 The realign-pipeline authors. Licensed under the Apache License, Version 2.0.
+"""RealignDiff for diffusers: a Stable Diffusion pipeline with mask-guided attention re-weighting.
+
+RealignDiff (Xu et al., arXiv 2305.19599) aligns Stable Diffusion 1.x with its prompt in two
+stages: a UNet fine-tuned with caption rewards (the coarse stage), then a second denoising pass
+whose cross- and self-attention maps are re-weighted inside per-object masks (the fine stage,
+the "re-weighting attention modulation" it takes from DenseDiffusion, Kim et al. 2023).
+
+This single file stands alone on diffusers, transformers and torch so that it also works as a
+Hub ``pipeline.py`` through ``custom_pipeline=``. Read it top to bottom:
+
+1. prompt words and tokens: where a caption's words sit in the prompt's CLIP tokens;
+2. ``PromptPhraseCaptioner``: the dense captioner that needs no model;
+3. masks: user masks to tensors, overlaps to a partition, attention maps to masks;
+4. attention: the re-weighting as a pure function, the recorder, the per-call state, and
+   ``RealignAttnProcessor``;
+5. ``RealignDiffPipeline``: coarse pass, layout, fine pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import shutil
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models.attention_processor import Attention
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.utils import BaseOutput, logging
+from tqdm.auto import tqdm
+
+logger = logging.get_logger(__name__)
+
+MaskLike = PIL.Image.Image | np.ndarray | torch.Tensor
+
+# Words that carry no object or attribute: a caption's region never claims their tokens.
+NON_CONTENT_WORDS = frozenset(
+    "a an the this that these those some any each every one two three four five his her its their our your my "
+    "and or but with without of on in at to into onto from by for as near next beside behind above below under "
+    "over top bottom left right side front back between while is are was were be been being has have had "
+    ", . ; : ! ? ' \" ( )".split()
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Prompt words and their CLIP tokens
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptWord:
+    """One word of a tokenized text (a piece of CLIP's pre-tokenizer) and its token positions."""
+
+    text: str
+    token_positions: tuple[int, ...]
+
+
+def words_with_token_positions(tokenizer: Any, text: str) -> list[PromptWord]:
+    """Split ``text`` into CLIP words, each with the positions of its tokens (0 is ``<|startoftext|>``).
+
+    CLIP's BPE marks the last token of every word with ``</w>``, so grouping tokens up to each
+    such mark recovers the words exactly as the text encoder sees them. Positions past the
+    tokenizer's length limit are kept: the caller decides what truncation means.
+    """
+    token_ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+    tokens = tokenizer.convert_ids_to_tokens(token_ids)
+    words: list[PromptWord] = []
+    pieces: list[str] = []
+    positions: list[int] = []
+    for position, token in enumerate(tokens, start=1):
+        pieces.append(token)
+        positions.append(position)
+        if token.endswith("</w>"):
+            words.append(PromptWord("".join(pieces)[: -len("</w>")].lower(), tuple(positions)))
+            pieces, positions = [], []
+    if pieces:
+        words.append(PromptWord("".join(pieces).lower(), tuple(positions)))
+    return words
+
+
+def content_words(words: Sequence[PromptWord]) -> list[PromptWord]:
+    """Keep the words that describe an object or an attribute (drop articles, prepositions, ...)."""
+    return [word for word in words if word.text not in NON_CONTENT_WORDS and re.search(r"\w", word.text)]
+
+
+@dataclass
+class CaptionPlacement:
+    """Where a caption's content words sit in the prompt's tokens.
+
+    ``prompt_positions[k]`` and ``caption_positions[k]`` are the same word, in the prompt's and
+    in the caption's own tokenization (the latter is what the embedding swap reads).
+    """
+
+    prompt_positions: list[int]
+    caption_positions: list[int]
+    missing_words: list[str]
+    truncated_words: list[str]
+
+
+def place_caption(
+    prompt_words: Sequence[PromptWord], caption_words: Sequence[PromptWord], max_length: int
+) -> CaptionPlacement:
+    """Match a caption's content words to occurrences in the prompt.
+
+    A word that occurs several times in the prompt ("a red cube and a red ball") is matched to
+    the occurrence nearest to the caption's last content word (its head noun, in English), so each
+    caption claims the words of its own phrase. ``max_length`` is the tokenizer's limit: a word
+    whose tokens fall at or past ``max_length - 1`` was cut off by truncation.
+    """
+    wanted = content_words(caption_words)
+    prompt_content = content_words(prompt_words)
+    occurrences = {word.text: [i for i, p in enumerate(prompt_content) if p.text == word.text] for word in wanted}
+    missing = [word.text for word in wanted if not occurrences[word.text]]
+    anchors = occurrences.get(wanted[-1].text, []) if wanted else []
+    if not anchors:
+        # No head noun in the prompt: anchor each word on its own first occurrence.
+        anchors = [0]
+    best: list[tuple[PromptWord, PromptWord]] | None = None
+    best_cost = math.inf
+    for anchor in anchors:
+        matched: list[tuple[PromptWord, PromptWord]] = []
+        cost = 0
+        for word in wanted:
+            candidates = occurrences[word.text]
+            if not candidates:
+                continue
+            # Prefer the occurrence before the anchor on ties: modifiers precede the noun.
+            index = min(candidates, key=lambda c: (abs(c - anchor), c > anchor))
+            cost += abs(index - anchor)
+            matched.append((word, prompt_content[index]))
+        if cost < best_cost:
+            best, best_cost = matched, cost
+    prompt_positions: list[int] = []
+    caption_positions: list[int] = []
+    truncated: list[str] = []
+    for caption_word, prompt_word in best or []:
+        kept = [p for p in prompt_word.token_positions if p < max_length - 1]
+        if len(kept) < len(prompt_word.token_positions):
+            truncated.append(prompt_word.text)
+            continue
+        prompt_positions.extend(kept)
+        # A word's tokens are identical in both tokenizations, so positions pair one to one.
+        caption_positions.extend(caption_word.token_positions[: len(kept)])
+    return CaptionPlacement(prompt_positions, caption_positions, missing, truncated)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Dense captioners (image + prompt -> local captions)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LocalCaption:
+    """A local caption: one object with its attributes, and an optional box hint (normalised xyxy)."""
+
+    text: str
+    box: tuple[float, float, float, float] | None = None
+
+
+@runtime_checkable
+class DenseCaptioner(Protocol):
+    """Turns the coarse image and its prompt into local captions, one per object."""
+
+    def __call__(self, image: PIL.Image.Image, prompt: str) -> list[str | LocalCaption]: ...
+
+
+@runtime_checkable
+class Grounder(Protocol):
+    """Turns an image and captions into one mask per caption (``None`` where nothing was found)."""
+
+    name: str
+
+    def __call__(self, image: PIL.Image.Image, captions: list[str]) -> list[MaskLike | None]: ...
+
+
+class PromptPhraseCaptioner:
+    """Local captions read off the prompt itself: its noun phrases ("a red book", "a yellow vase").
+
+    RealignDiff asks an LLM for local captions; this rule-based captioner needs no model and is
+    what a user with only diffusers gets. A phrase starts at a determiner and runs until a word
+    that joins phrases (a preposition, a verb such as "is", "and" followed by a new determiner,
+    punctuation). "and" between adjectives ("black and white cat") stays inside the phrase.
+    """
+
+    determiners = frozenset(
+        "a an the this that these those some one two three four five his her its their my our".split()
+    )
+    phrase_breaks = frozenset(
+        "on in at to into onto from by for with without near next beside behind above below under over "
+        "is are was were be been being has have had while as of".split()
+    )
+
+    def __call__(self, image: PIL.Image.Image | None, prompt: str) -> list[str]:
+        return self.phrases(prompt)
+
+    def phrases(self, prompt: str) -> list[str]:
+        """Split ``prompt`` into its object phrases."""
+        tokens = re.findall(r"[\w'-]+|[^\w\s]", prompt)
+        phrases: list[list[str]] = []
+        current: list[str] = []
+        for index, token in enumerate(tokens):
+            word = token.lower()
+            following = tokens[index + 1].lower() if index + 1 < len(tokens) else ""
+            if word in self.determiners and (not current or current[-1].lower() not in self.determiners):
+                if current:
+                    phrases.append(current)
+                current = [token]
+            elif not re.match(r"\w", token) or word in self.phrase_breaks or word.endswith("ing"):
+                if current:
+                    phrases.append(current)
+                current = []
+            elif word in ("and", "or"):
+                if following in self.determiners:
+                    if current:
+                        phrases.append(current)
+                    current = []
+                elif current:
+                    current.append(token)
+            elif current or not phrases:
+                current.append(token)
+        if current:
+            phrases.append(current)
+        cleaned = []
+        for words in phrases:
+            while words and words[-1].lower() in ("and", "or"):
+                words = words[:-1]
+            if any(w.lower() not in NON_CONTENT_WORDS for w in words):
+                cleaned.append(" ".join(words))
+        return cleaned
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Masks
+# ---------------------------------------------------------------------------------------------
+
+
+def mask_to_tensor(mask: MaskLike, height: int, width: int, argument: str = "mask") -> torch.Tensor:
+    """Convert a PIL, numpy or torch mask of any size to a bool (height, width) tensor on the CPU.
+
+    Soft masks are resized bilinearly and cut at 0.5. Integer images (0-255) are scaled to [0, 1].
+    """
+    if isinstance(mask, PIL.Image.Image):
+        array = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(array)
+    elif isinstance(mask, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(mask))
+    elif isinstance(mask, torch.Tensor):
+        tensor = mask.detach().cpu()
+    else:
+        raise ValueError(
+            f"`{argument}` must be a PIL image, a numpy array or a torch tensor, got {type(mask).__name__}."
+        )
+    tensor = tensor.squeeze()
+    if tensor.ndim != 2:
+        raise ValueError(f"`{argument}` must be a single-channel 2-D mask, got shape {tuple(tensor.shape)}.")
+    if tensor.dtype == torch.bool:
+        tensor = tensor.float()
+    elif tensor.dtype == torch.uint8:
+        tensor = tensor.float() / 255.0
+    else:
+        tensor = tensor.float()
+    resized = F.interpolate(tensor[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    return resized >= 0.5
+
+
+def partition_masks(masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Turn possibly overlapping bool masks into a label map: region index per pixel, -1 for none.
+
+    Overlaps go to the smaller mask: a small object drawn over a large one (a cup on a table)
+    keeps its pixels, which is what the re-weighting needs to give it its own words.
+    """
+    if not masks:
+        raise ValueError("partition_masks needs at least one mask")
+    labels = torch.full(masks[0].shape, -1, dtype=torch.long)
+    areas = [int(mask.sum()) for mask in masks]
+    for index in sorted(range(len(masks)), key=lambda i: -areas[i]):
+        labels[masks[index]] = index
+    return labels
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = 64) -> float:
+    """Otsu's threshold (1979) of values in [0, 1]: the cut maximising between-class variance."""
+    histogram = torch.histc(values.float().flatten(), bins=bins, min=0.0, max=1.0).double()
+    centers = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    weight_low = histogram.cumsum(0)
+    weight_high = histogram.sum() - weight_low
+    mean_low = (histogram * centers).cumsum(0) / weight_low.clamp(min=1e-12)
+    mean_high = ((histogram * centers).sum() - (histogram * centers).cumsum(0)) / weight_high.clamp(min=1e-12)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float((torch.argmax(between[:-1]) + 1) / bins)
+
+
+def masks_from_attention_maps(
+    attention_maps: torch.Tensor, token_groups: Sequence[Sequence[int]]
+) -> list[torch.Tensor]:
+    """Masks from one image's cross-attention maps (``(h, w, num_tokens)``), one per token group.
+
+    As in Prompt-to-Prompt and DAAM: average each region's token maps, normalise to [0, 1], cut at
+    Otsu's threshold, and give each pixel to the strongest region among those above their cut.
+    Returns bool ``(h, w)`` masks; a region that wins no pixel gets an all-False mask.
+    """
+    if not token_groups:
+        return []
+    region_maps = []
+    for tokens in token_groups:
+        region_map = attention_maps[..., list(tokens)].float().mean(-1)
+        low, high = region_map.min(), region_map.max()
+        region_maps.append((region_map - low) / (high - low).clamp(min=1e-8))
+    stacked = torch.stack(region_maps)
+    above = torch.stack([m >= otsu_threshold(m) for m in region_maps])
+    strongest = torch.where(above, stacked, torch.full_like(stacked, -1.0)).argmax(0)
+    claimed = above.any(0)
+    return [(strongest == index) & claimed for index in range(len(token_groups))]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Attention: the re-weighting, the recorder, the per-call state and the processor
+# ---------------------------------------------------------------------------------------------
+
+
+def reweighted_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float,
+    strength: torch.Tensor,
+    query_regions: torch.Tensor,
+    key_regions: torch.Tensor,
+) -> torch.Tensor:
+    """Re-weighting attention modulation, materialised (DenseDiffusion, Kim et al. 2023, Eq. 5-6).
+
+    RealignDiff (arXiv 2305.19599, Sec. 3.2) adopts it. With scores ``S = scale * Q Kᵀ`` and
+    ``M_ij = 1`` where key ``j`` belongs to the region holding query ``i``:
+
+        S'_ij = S_ij + λ_i M_ij (max_i S − S_ij) − λ_i (1 − M_ij) (S_ij − min_i S)
+
+    and the output is ``softmax(S') V``.
+
+    Shapes: query ``(B, heads, N, d)``, key/value ``(B, heads, K, d)``, ``strength`` λ ``(B, N)``,
+    ``query_regions`` one-hot ``(B, N, R)`` (a row of zeros: the pixel is in no region),
+    ``key_regions`` ``(B, K, R)`` (for self-attention the same one-hot as the queries; for cross-
+    attention, which text tokens each region owns). Scores are computed in float32.
+    """
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_min = scores.amin(dim=-1, keepdim=True)
+    same_region = torch.matmul(query_regions.float(), key_regions.float().transpose(-1, -2)).clamp(max=1.0)[:, None]
+    lam = strength.float()[:, None, :, None]
+    scores = scores + lam * same_region * (row_max - scores) - lam * (1.0 - same_region) * (scores - row_min)
+    return torch.matmul(scores.softmax(dim=-1), value.float()).to(value.dtype)
+
+
+AttentionFunction = Callable[..., torch.Tensor]
+
+
+def attention_grid_size(num_pixels: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) grid of an attention layer with ``num_pixels`` queries in a UNet on ``latent_size``.
+
+    The UNet halves its feature maps with stride-2 convolutions (``ceil(n / 2)``), so the grid is
+    found by halving the latent size until the pixel count matches; non-square sizes work too.
+    """
+    height, width = latent_size
+    while height * width > num_pixels:
+        height, width = math.ceil(height / 2), math.ceil(width / 2)
+    if height * width != num_pixels:
+        raise ValueError(f"cannot place {num_pixels} attention queries on a grid derived from latents {latent_size}")
+    return height, width
+
+
+class CrossAttentionRecorder:
+    """Collects cross-attention probabilities of the conditional batch, per attention resolution.
+
+    Each record is averaged over heads; records are summed over layers and steps and averaged in
+    ``mean_maps``. ``keep_graph=True`` keeps them differentiable (CoMat's attribute concentration
+    loss during reward fine-tuning); otherwise they are detached.
+    """
+
+    def __init__(self, keep_graph: bool = False) -> None:
+        self.keep_graph = keep_graph
+        self.sums: dict[tuple[int, int], torch.Tensor] = {}
+        self.counts: dict[tuple[int, int], int] = {}
+
+    def record(self, probabilities: torch.Tensor, grid: tuple[int, int]) -> None:
+        """Add ``probabilities`` of shape (B, heads, h*w, tokens) for one layer call."""
+        maps = probabilities.mean(dim=1)
+        if not self.keep_graph:
+            maps = maps.detach().float()
+        self.sums[grid] = self.sums[grid] + maps if grid in self.sums else maps
+        self.counts[grid] = self.counts.get(grid, 0) + 1
+
+    def mean_maps(self) -> dict[tuple[int, int], torch.Tensor]:
+        """Average maps per resolution: ``(h, w) -> (B, h, w, tokens)``."""
+        return {
+            grid: (total / self.counts[grid]).reshape(total.shape[0], grid[0], grid[1], total.shape[-1])
+            for grid, total in self.sums.items()
+        }
+
+
+@dataclass
+class RegionTensors:
+    """A batch of layouts as tensors for the processor (one entry per conditional batch item).
+
+    ``labels``: ``(B, H, W)`` long at image resolution, region index or -1.
+    ``region_tokens``: ``(B, R, tokens)`` bool, the prompt tokens each region owns.
+    """
+
+    labels: torch.Tensor
+    region_tokens: torch.Tensor
+
+
+@dataclass
+class AttentionModulationState:
+    """Everything the attention processor needs for one pipeline call; passed per call through
+    ``cross_attention_kwargs={"realign_state": state}``. The denoising loop updates ``timestep``
+    and ``modulate`` at each step; nothing is stored in the processor or in globals.
+    """
+
+    latent_size: tuple[int, int]
+    regions: RegionTensors | None = None
+    cross_attention_weight: float = 1.0
+    self_attention_weight: float = 0.3
+    area_weight: float = 1.0
+    timestep: float = 1000.0
+    num_train_timesteps: int = 1000
+    modulate: bool = False
+    conditional_half_only: bool = True
+    recorder: CrossAttentionRecorder | None = None
+    # Region one-hots and area factors per attention grid, built on first use (same device and
+    # dtype as the attention inputs). A cache, not state: it depends only on ``regions``.
+    per_grid: dict[tuple[int, int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )
+
+    def time_factor(self) -> float:
+        """DenseDiffusion's time decay ``c(t) = (t / T) ** 5``: strong early, gone by the end."""
+        return (float(self.timestep) / self.num_train_timesteps) ** 5
+
+    def regions_on_grid(
+        self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One-hot regions ``(B, h*w, R)`` and area factors ``ρ = 1 − w_area·area/(h·w)`` ``(B, h*w)``.
+
+        Labels are resized by area interpolation of their one-hot planes (with "no region" as a
+        plane of its own) and each cell takes the majority label, so the result is still a
+        partition at every resolution.
+        """
+        cache_key = (grid[0], grid[1], torch.device(device), dtype)
+        if cache_key not in self.per_grid:
+            labels = self.regions.labels
+            num_regions = self.regions.region_tokens.shape[1]
+            planes = F.one_hot(labels + 1, num_regions + 1).permute(0, 3, 1, 2).float()
+            resized = F.interpolate(planes, size=grid, mode="area").argmax(dim=1) - 1
+            flat = resized.flatten(1)
+            one_hot = F.one_hot(flat.clamp(min=0), num_regions).float() * (flat >= 0)[..., None]
+            area = one_hot.sum(dim=1, keepdim=True) / flat.shape[1]
+            area_of_pixel = (one_hot * area).sum(-1)
+            # Clamped at 0: with area_weight > 1 a large region would otherwise flip the modulation.
+            area_factor = (1.0 - self.area_weight * area_of_pixel).clamp(min=0.0) * (flat >= 0)
+            self.per_grid[cache_key] = (one_hot.to(device, dtype), area_factor.to(device, dtype))
+        return self.per_grid[cache_key]
+
+
+class RealignAttnProcessor:
+    """Attention processor for every UNet attention layer (self ``attn1`` and cross ``attn2``).
+
+    With no ``realign_state`` it computes exactly what diffusers' ``AttnProcessor2_0`` computes.
+    With a state it records cross-attention maps (if asked) and, while ``state.modulate`` is on,
+    re-weights the conditional half of the batch with ``attention_function`` (the materialised
+    reference by default; any function with the same signature works).
+    """
+
+    def __init__(self, attention_function: AttentionFunction = reweighted_attention_reference) -> None:
+        self.attention_function = attention_function
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        realign_state: AttentionModulationState | None = None,
+    ) -> torch.Tensor:
+        is_cross_attention = encoder_hidden_states is not None
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        if realign_state is not None:
+            hidden_states = self._realign(
+                attn, query, key, value, hidden_states, attention_mask, is_cross_attention, realign_state
+            )
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _realign(
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        plain_output: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        is_cross_attention: bool,
+        state: AttentionModulationState,
+    ) -> torch.Tensor:
+        """Record and re-weight the conditional batch items; the unconditional half stays plain."""
+        batch_size = query.shape[0]
+        start = batch_size // 2 if state.conditional_half_only else 0
+        grid = attention_grid_size(query.shape[2], state.latent_size)
+
+        if is_cross_attention and state.recorder is not None:
+            scores = torch.matmul(query[start:], key[start:].transpose(-1, -2)) * attn.scale
+            state.recorder.record(scores.float().softmax(dim=-1), grid)
+
+        weight = state.cross_attention_weight if is_cross_attention else state.self_attention_weight
+        if not state.modulate or state.regions is None or weight == 0.0:
+            return plain_output
+        if attention_mask is not None:
+            raise ValueError("RealignAttnProcessor cannot re-weight attention that also has an `attention_mask`.")
+
+        query_regions, area_factor = state.regions_on_grid(grid, query.device, query.dtype)
+        if query_regions.shape[0] != batch_size - start:
+            raise ValueError(
+                f"the layout has {query_regions.shape[0]} entries but the conditional batch has {batch_size - start}"
+            )
+        if is_cross_attention:
+            key_regions = state.regions.region_tokens.transpose(1, 2).to(query.device, query.dtype)
+            if key_regions.shape[1] != key.shape[2]:
+                raise ValueError(
+                    f"the layout covers {key_regions.shape[1]} text tokens but attention sees {key.shape[2]}"
+                )
+        else:
+            key_regions = query_regions
+        strength = weight * state.time_factor() * area_factor
+        modulated = self.attention_function(
+            query[start:],
+            key[start:],
+            value[start:],
+            scale=attn.scale,
+            strength=strength,
+            query_regions=query_regions,
+            key_regions=key_regions,
+        )
+        return torch.cat([plain_output[:start], modulated.to(plain_output.dtype)], dim=0)
+
+
+# Processors that compute plain attention and can be swapped out and back without losing anything.
+REPLACEABLE_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0", "XFormersAttnProcessor")
+
+
+@contextlib.contextmanager
+def realign_processors_installed(
+    unet: UNet2DConditionModel, processor: RealignAttnProcessor | None = None
+) -> Iterator[RealignAttnProcessor]:
+    """Install ``processor`` on every attention layer of ``unet`` and restore the old ones on exit.
+
+    Refuses processors that do more than plain attention (IP-Adapter, custom ones): replacing them
+    would silently drop what they do.
+    """
+    processor = processor or RealignAttnProcessor()
+    previous = unet.attn_processors
+    # Compared by name: a copy of this file loaded through `custom_pipeline=` defines its own class.
+    foreign = sorted(
+        {type(p).__name__ for p in previous.values()} - set(REPLACEABLE_PROCESSORS) - {"RealignAttnProcessor"}
+    )
+    if foreign:
+        raise ValueError(
+            f"The UNet uses attention processors {foreign}, which RealignDiff would replace and lose. "
+            "Call `pipe.unet.set_default_attn_processor()` first, or run with `realign=False`."
+        )
+    unet.set_attn_processor(processor)
+    try:
+        yield processor
+    finally:
+        unet.set_attn_processor(previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Region:
+    """One object of a layout: its caption, its mask and the prompt tokens it owns."""
+
+    caption: str
+    mask: torch.Tensor
+    token_indices: list[int]
+    source: str
+    caption_token_indices: list[int] = field(default_factory=list)
+    box: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class DroppedRegion:
+    """A caption that was left out of the layout, and why."""
+
+    caption: str
+    reason: str
+
+
+@dataclass
+class Layout:
+    """The regions used for one generated image, and those that were dropped."""
+
+    prompt: str
+    regions: list[Region]
+    dropped: list[DroppedRegion] = field(default_factory=list)
+
+
+@dataclass
+class RealignDiffPipelineOutput(BaseOutput):
+    """Output of ``RealignDiffPipeline``.
+
+    Args:
+        images: the final (fine-pass) images, as ``output_type`` asks.
+        nsfw_content_detected: the safety checker's verdict per final image, or ``None``.
+        coarse_images: the coarse-pass images (``None`` when the user gave ``regions``).
+        layouts: one ``Layout`` per image: captions, masks, token indices, mask sources, drops.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: list[bool] | None
+    coarse_images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None
+    layouts: list[Layout] | None
+
+
+RegionsArgument = Sequence[tuple[str, MaskLike]] | Sequence[Sequence[tuple[str, MaskLike]]]
+
+
+class RealignDiffPipeline(StableDiffusionPipeline):
+    r"""Stable Diffusion with RealignDiff's fine stage: re-weighted attention inside per-object masks.
+
+    A call runs a coarse pass (plain attention), finds local captions on the coarse image with
+    ``captioner`` and a mask for each with ``grounder``, then runs a fine pass from the same
+    initial latents with re-weighted cross- and self-attention. Give ``regions`` to skip the coarse
+    pass, or ``realign=False`` for exactly ``StableDiffusionPipeline``'s output.
+
+    ``captioner`` and ``grounder`` are plain attributes (and ``__call__`` arguments), never registered
+    components, so ``save_pretrained`` stays loadable by plain diffusers. Defaults: the
+    ``PromptPhraseCaptioner`` and masks read from the coarse pass's cross-attention maps.
+
+    Load the caption-reward fine-tuned UNet with
+    ``RealignDiffPipeline.from_pretrained(base, realign_unet="org/repo")``.
+    """
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker,
+        feature_extractor,
+        image_encoder=None,
+        requires_safety_checker: bool = True,
+        captioner: DenseCaptioner | None = None,
+        grounder: Grounder | None = None,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+        self.captioner = captioner
+        self.grounder = grounder
+
+    # -- loading and saving -------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        realign_unet: str | Path | None = None,
+        realign_unet_subfolder: str | None = "unet",
+        **kwargs: Any,
+    ) -> RealignDiffPipeline:
+        """Load a Stable Diffusion pipeline, with the caption-reward fine-tuned UNet if ``realign_unet`` is given.
+
+        ``realign_unet`` is a Hub repo id or a local folder holding a diffusers UNet (in
+        ``realign_unet_subfolder``, ``"unet"`` by default; ``None`` if the folder itself is the UNet).
+        It is loaded from safetensors only. Every other argument goes to
+        ``StableDiffusionPipeline.from_pretrained``.
+        """
+        if realign_unet is not None:
+            if "unet" in kwargs:
+                raise ValueError("Pass either `unet` or `realign_unet`, not both.")
+            hub_kwargs = {
+                name: kwargs[name]
+                for name in ("cache_dir", "force_download", "local_files_only", "token", "revision")
+                if name in kwargs
+            }
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            if dtype is not None:
+                hub_kwargs["dtype"] = dtype
+            kwargs["unet"] = UNet2DConditionModel.from_pretrained(
+                realign_unet, subfolder=realign_unet_subfolder, use_safetensors=True, **hub_kwargs
+            )
+            logger.info(f"RealignDiff: using the caption-reward fine-tuned UNet from {realign_unet}.")
+        elif "unet" not in kwargs:
+            logger.warning(
+                f"RealignDiff: no `realign_unet` given, so the coarse pass uses the base UNet of "
+                f"{pretrained_model_name_or_path}."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(
+        self, save_directory: str | Path, *args: Any, push_to_hub: bool = False, **kwargs: Any
+    ) -> None:
+        """Save as a folder that plain diffusers loads as ``StableDiffusionPipeline``.
+
+        ``model_index.json`` names ``StableDiffusionPipeline`` and this file is written beside it as
+        ``pipeline.py``, so ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder,
+        trust_remote_code=True)`` gives a ``RealignDiffPipeline``. To push, save then upload the
+        folder (``huggingface_hub.upload_folder``); ``push_to_hub=True`` is refused because the
+        parent would upload before the folder is complete.
+        """
+        if push_to_hub:
+            raise ValueError(
+                "`push_to_hub=True` is not supported: save the folder, then upload it with "
+                "`huggingface_hub.upload_folder` (or `realign push`)."
+            )
+        super().save_pretrained(save_directory, *args, **kwargs)
+        index_path = Path(save_directory) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = StableDiffusionPipeline.__name__
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(Path(__file__), Path(save_directory) / "pipeline.py")
+
+    # -- helpers of __call__ -------------------------------------------------------------------
+
+    def _labelled_progress_bar(self, total: int, label: str) -> tqdm:
+        config = dict(getattr(self, "_progress_bar_config", {}))
+        config.setdefault("desc", label)
+        return tqdm(total=total, **config)
+
+    def _normalise_regions(
+        self, regions: RegionsArgument | None, prompts: list[str], height: int, width: int
+    ) -> list[list[tuple[str, torch.Tensor]]] | None:
+        """Check the user's ``regions`` and return one list of (caption, bool mask) per prompt."""
+        if regions is None:
+            return None
+        if not isinstance(regions, (list, tuple)):
+            raise ValueError("`regions` must be a list of (caption, mask) pairs, or a list of such lists.")
+        is_single = len(regions) == 0 or (
+            isinstance(regions[0], (list, tuple)) and len(regions[0]) == 2 and isinstance(regions[0][0], str)
+        )
+        per_prompt = [regions] if is_single else list(regions)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(
+                f"`regions` holds layouts for {len(per_prompt)} prompt(s) but `prompt` has {len(prompts)}; "
+                "pass one list of (caption, mask) pairs per prompt."
+            )
+        normalised = []
+        for prompt_index, pairs in enumerate(per_prompt):
+            checked = []
+            for pair_index, pair in enumerate(pairs):
+                if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)):
+                    raise ValueError(f"`regions[{prompt_index}][{pair_index}]` must be a (caption, mask) pair.")
+                argument = f"regions[{prompt_index}][{pair_index}] mask"
+                checked.append((pair[0], mask_to_tensor(pair[1], height, width, argument=argument)))
+            normalised.append(checked)
+        return normalised
+
+    def build_layout(
+        self,
+        prompt: str,
+        captions: Sequence[str | LocalCaption],
+        masks: Sequence[torch.Tensor | None],
+        sources: Sequence[str],
+        strict: bool,
+    ) -> Layout:
+        """Place each caption's words in the prompt and pair them with masks.
+
+        ``strict`` (user-given regions): a caption that cannot be placed raises ``ValueError``.
+        Otherwise (captioner output) it is dropped with a warning. Empty masks are always dropped
+        with a warning. Every drop is listed in the layout.
+        """
+        max_length = self.tokenizer.model_max_length
+        prompt_words = words_with_token_positions(self.tokenizer, prompt)
+        layout = Layout(prompt=prompt, regions=[])
+        for caption, mask, source in zip(captions, masks, sources):
+            text = caption.text if isinstance(caption, LocalCaption) else caption
+            box = caption.box if isinstance(caption, LocalCaption) else None
+            placement = place_caption(prompt_words, words_with_token_positions(self.tokenizer, text), max_length)
+            reason = None
+            if not placement.prompt_positions:
+                if placement.truncated_words:
+                    reason = (
+                        f"its words {placement.truncated_words} fall past the tokenizer's {max_length}-token limit"
+                    )
+                else:
+                    reason = f"none of its words are in the prompt {prompt!r}"
+            elif strict and placement.missing_words:
+                reason = f"its words {placement.missing_words} are not in the prompt {prompt!r}"
+            if reason is not None:
+                if strict:
+                    raise ValueError(f"`regions`: the caption {text!r} cannot be placed: {reason}.")
+                warnings.warn(f"RealignDiff: dropping caption {text!r}: {reason}.", stacklevel=3)
+                layout.dropped.append(DroppedRegion(text, reason))
+                continue
+            if mask is None or not bool(mask.any()):
+                reason = "its mask is empty"
+                warnings.warn(f"RealignDiff: dropping caption {text!r}: {reason}.", stacklevel=3)
+                layout.dropped.append(DroppedRegion(text, reason))
+                continue
+            layout.regions.append(
+                Region(
+                    caption=text,
+                    mask=mask,
+                    token_indices=placement.prompt_positions,
+                    source=source,
+                    caption_token_indices=placement.caption_positions,
+                    box=box,
+                )
+            )
+        return layout
+
+    def _region_tensors(self, layouts: Sequence[Layout], height: int, width: int) -> RegionTensors | None:
+        """Stack the layouts of the conditional batch into label maps and token masks."""
+        num_regions = max((len(layout.regions) for layout in layouts), default=0)
+        if num_regions == 0:
+            return None
+        num_tokens = self.tokenizer.model_max_length
+        labels = torch.full((len(layouts), height, width), -1, dtype=torch.long)
+        region_tokens = torch.zeros(len(layouts), num_regions, num_tokens, dtype=torch.bool)
+        for index, layout in enumerate(layouts):
+            if not layout.regions:
+                continue
+            labels[index] = partition_masks([region.mask for region in layout.regions])
+            for region_index, region in enumerate(layout.regions):
+                region_tokens[index, region_index, region.token_indices] = True
+        return RegionTensors(labels=labels, region_tokens=region_tokens)
+
+    def _swap_region_embeddings(self, prompt_embeds: torch.Tensor, layouts: Sequence[Layout]) -> torch.Tensor:
+        """DenseDiffusion's embedding swap: each region's tokens take its caption's stand-alone encoding."""
+        captions = sorted({region.caption for layout in layouts for region in layout.regions})
+        if not captions:
+            return prompt_embeds
+        caption_ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self._execution_device)
+        caption_embeds = self.text_encoder(caption_ids)[0].to(prompt_embeds.dtype)
+        by_caption = dict(zip(captions, caption_embeds))
+        swapped = prompt_embeds.clone()
+        for index, layout in enumerate(layouts):
+            for region in layout.regions:
+                pairs = [
+                    (p, c)
+                    for p, c in zip(region.token_indices, region.caption_token_indices)
+                    if c < len(by_caption[region.caption])
+                ]
+                if pairs:
+                    prompt_positions, caption_positions = zip(*pairs)
+                    swapped[index, list(prompt_positions)] = by_caption[region.caption][list(caption_positions)]
+        return swapped
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        num_inference_steps: int,
+        timesteps: list[int] | None,
+        sigmas: list[float] | None,
+        extra_step_kwargs: dict[str, Any],
+        timestep_cond: torch.Tensor | None,
+        added_cond_kwargs: dict[str, Any] | None,
+        cross_attention_kwargs: dict[str, Any],
+        state: AttentionModulationState,
+        modulated_steps: int,
+        callback_on_step_end: Callable | None,
+        callback_on_step_end_tensor_inputs: list[str],
+        label: str,
+    ) -> torch.Tensor:
+        """One denoising pass: the Stable Diffusion loop, with the attention state updated per step."""
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, self._execution_device, timesteps, sigmas
+        )
+        self._num_timesteps = len(timesteps)
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        attention_kwargs = {**cross_attention_kwargs, "realign_state": state}
+        negative_prompt_embeds = prompt_embeds.chunk(2)[0] if self.do_classifier_free_guidance else None
+        with self._labelled_progress_bar(num_inference_steps, label) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                state.timestep = float(t)
+                state.modulate = i < modulated_steps
+
+                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                noise_pred = self.unet(
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    timestep_cond=timestep_cond,
+                    cross_attention_kwargs=attention_kwargs,
+                    added_cond_kwargs=added_cond_kwargs,
+                    return_dict=False,
+                )[0]
+                if self.do_classifier_free_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                    if self.guidance_rescale > 0.0:
+                        noise_pred = rescale_noise_cfg(
+                            noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale
+                        )
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = {
+                            "latents": latents,
+                            "prompt_embeds": prompt_embeds,
+                            "negative_prompt_embeds": negative_prompt_embeds,
+                        }[name]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+        return latents
+
+    def decode(
+        self, latents: torch.Tensor, generator: Any, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, list[bool] | None]:
+        """Decode latents to images in [-1, 1] and run the safety checker on them."""
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        return self.run_safety_checker(image, self._execution_device, dtype)
+
+    def _postprocess(self, image: torch.Tensor, has_nsfw_concept: list[bool] | None, output_type: str) -> Any:
+        do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
+        return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+
+    def _check_realign_inputs(
+        self,
+        modulation_fraction: float,
+        cross_attention_weight: float,
+        self_attention_weight: float,
+        area_weight: float,
+    ) -> None:
+        if not 0.0 <= modulation_fraction <= 1.0:
+            raise ValueError(
+                f"`modulation_fraction` must be in [0, 1] (a fraction of the steps), got {modulation_fraction}."
+            )
+        for name, value in (
+            ("cross_attention_weight", cross_attention_weight),
+            ("self_attention_weight", self_attention_weight),
+            ("area_weight", area_weight),
+        ):
+            if value < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {value}.")
+
+    # -- the call --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (the parent's signature)
+        realign: bool = True,
+        regions: RegionsArgument | None = None,
+        captioner: DenseCaptioner | None = None,
+        grounder: Grounder | None = None,
+        modulation_fraction: float = 0.3,
+        cross_attention_weight: float = 1.0,
+        self_attention_weight: float = 0.3,
+        area_weight: float = 1.0,
+        swap_region_embeddings: bool = True,
+    ) -> RealignDiffPipelineOutput | tuple:
+        r"""Generate images with RealignDiff's two passes.
+
+        The arguments up to ``callback_on_step_end_tensor_inputs`` are ``StableDiffusionPipeline``'s,
+        with the same meaning (``callback_on_step_end`` runs in both passes). The others:
+
+        Args:
+            realign (`bool`, defaults to `True`): `False` runs only the plain pass, which is exactly
+                `StableDiffusionPipeline`'s output.
+            regions (`list`, *optional*): the layout, skipping the coarse pass: `[(caption, mask), ...]`
+                for one prompt, or one such list per prompt. Masks are PIL, numpy or torch, any size;
+                soft masks are cut at 0.5. A prompt's regions are shared by its images.
+            captioner (`DenseCaptioner`, *optional*): local captions from the coarse image; defaults
+                to `self.captioner`, then to `PromptPhraseCaptioner()`.
+            grounder (`Grounder`, *optional*): a mask per caption from the coarse image; defaults to
+                `self.grounder`, then to masks from the coarse pass's cross-attention maps (which
+                also fill in any caption the grounder returns `None` for).
+            modulation_fraction (`float`, defaults to 0.3): the fraction of steps, from the first,
+                whose attention is re-weighted (DenseDiffusion: 0.3).
+            cross_attention_weight (`float`, defaults to 1.0), self_attention_weight (`float`,
+                defaults to 0.3), area_weight (`float`, defaults to 1.0): the re-weighting strengths
+                `w` and the area penalty `w_area` (DenseDiffusion's defaults).
+            swap_region_embeddings (`bool`, defaults to `True`): replace each region's tokens in the
+                prompt embedding by its caption's own encoding (DenseDiffusion).
+
+        Returns:
+            `RealignDiffPipelineOutput` (or a tuple `(images, nsfw_content_detected, coarse_images,
+            layouts)` when `return_dict=False`).
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 0. Default height and width to the UNet's.
+        if not height or not width:
+            sample_size = self.unet.config.sample_size
+            sample_height, sample_width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+            height, width = sample_height * self.vae_scale_factor, sample_width * self.vae_scale_factor
+
+        # 1. Check every input before any expensive work.
+        self.check_inputs(
+            prompt, height, width, None, negative_prompt, None, None, None, None, callback_on_step_end_tensor_inputs
+        )
+        self._check_realign_inputs(modulation_fraction, cross_attention_weight, self_attention_weight, area_weight)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}.")
+        user_regions = self._normalise_regions(regions, prompts, height, width) if realign else None
+        user_layouts = None
+        if user_regions is not None:
+            user_layouts = [
+                self.build_layout(p, [c for c, _ in pairs], [m for _, m in pairs], ["user"] * len(pairs), strict=True)
+                for p, pairs in zip(prompts, user_regions)
+            ]
+
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
+        cross_attention_kwargs = dict(cross_attention_kwargs or {})
+
+        # 2. Encode the prompt once; both passes use these encodings.
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompts,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            lora_scale=cross_attention_kwargs.get("scale"),
+            clip_skip=self.clip_skip,
+        )
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+
+        # 3. The initial latents, shared by both passes.
+        batch_size = len(prompts) * num_images_per_prompt
+        initial_latents = self.prepare_latents(
+            batch_size,
+            self.unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
+        )
+        latent_size = (initial_latents.shape[-2], initial_latents.shape[-1])
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(batch_size)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=initial_latents.dtype)
+        pass_kwargs = dict(
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            extra_step_kwargs=extra_step_kwargs,
+            timestep_cond=timestep_cond,
+            added_cond_kwargs=None,
+            cross_attention_kwargs=cross_attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+
+        with realign_processors_installed(self.unet):
+            # 4. Coarse pass: plain attention, recording cross-attention maps for the attention grounder.
+            coarse_images = None
+            coarse_output = None
+            if user_layouts is None:
+                recorder = CrossAttentionRecorder() if realign else None
+                coarse_state = AttentionModulationState(
+                    latent_size=latent_size,
+                    recorder=recorder,
+                    conditional_half_only=self.do_classifier_free_guidance,
+                    num_train_timesteps=num_train_timesteps,
+                )
+                coarse_latents = self.denoise(
+                    initial_latents.clone(),
+                    prompt_embeds,
+                    state=coarse_state,
+                    modulated_steps=0,
+                    label="RealignDiff coarse pass" if realign else "Stable Diffusion",
+                    **pass_kwargs,
+                )
+                if output_type == "latent" and not realign:
+                    coarse_output, coarse_nsfw = coarse_latents, None
+                else:
+                    coarse_decoded, coarse_nsfw = self.decode(coarse_latents, generator, prompt_embeds.dtype)
+                    coarse_output = self._postprocess(coarse_decoded, coarse_nsfw, output_type)
+                if not realign:
+                    self.maybe_free_model_hooks()
+                    if not return_dict:
+                        return (coarse_output, coarse_nsfw)
+                    return RealignDiffPipelineOutput(
+                        images=coarse_output, nsfw_content_detected=coarse_nsfw, coarse_images=None, layouts=None
+                    )
+                coarse_images = self._postprocess(coarse_decoded, coarse_nsfw, "pil")
+                layouts = self._layouts_from_coarse_pass(
+                    prompts, num_images_per_prompt, coarse_images, recorder, captioner, grounder, height, width
+                )
+            else:
+                layouts = [layout for layout in user_layouts for _ in range(num_images_per_prompt)]
+
+            # 5. Fine pass: same initial latents, re-weighted attention in the first steps.
+            fine_embeds = prompt_embeds
+            if swap_region_embeddings:
+                conditional = prompt_embeds.chunk(2)[1] if self.do_classifier_free_guidance else prompt_embeds
+                conditional = self._swap_region_embeddings(conditional, layouts)
+                fine_embeds = (
+                    torch.cat([prompt_embeds.chunk(2)[0], conditional])
+                    if self.do_classifier_free_guidance
+                    else conditional
+                )
+            fine_state = AttentionModulationState(
+                latent_size=latent_size,
+                regions=self._region_tensors(layouts, height, width),
+                cross_attention_weight=cross_attention_weight,
+                self_attention_weight=self_attention_weight,
+                area_weight=area_weight,
+                conditional_half_only=self.do_classifier_free_guidance,
+                num_train_timesteps=num_train_timesteps,
+            )
+            modulated_steps = round(modulation_fraction * num_inference_steps)
+            fine_latents = self.denoise(
+                initial_latents.clone(),
+                fine_embeds,
+                state=fine_state,
+                modulated_steps=modulated_steps,
+                label="RealignDiff fine pass",
+                **pass_kwargs,
+            )
+
+        # 6. Decode and return.
+        if output_type == "latent":
+            image, has_nsfw_concept = fine_latents, None
+        else:
+            decoded, has_nsfw_concept = self.decode(fine_latents, generator, prompt_embeds.dtype)
+            image = self._postprocess(decoded, has_nsfw_concept, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image, has_nsfw_concept, coarse_output, layouts)
+        return RealignDiffPipelineOutput(
+            images=image, nsfw_content_detected=has_nsfw_concept, coarse_images=coarse_output, layouts=layouts
+        )
+
+    def _layouts_from_coarse_pass(
+        self,
+        prompts: list[str],
+        num_images_per_prompt: int,
+        coarse_images: list[PIL.Image.Image],
+        recorder: CrossAttentionRecorder,
+        captioner: DenseCaptioner | None,
+        grounder: Grounder | None,
+        height: int,
+        width: int,
+    ) -> list[Layout]:
+        """Local captions and masks for every coarse image (the fine stage's preprocessing)."""
+        captioner = captioner or self.captioner or PromptPhraseCaptioner()
+        grounder = grounder or self.grounder
+        maps_by_grid = recorder.mean_maps()
+        latent_height, latent_width = height // self.vae_scale_factor, width // self.vae_scale_factor
+        # One middle resolution, as DAAM and Prompt-to-Prompt do (16×16 for SD 1.5 at 512 px).
+        target = math.log2(latent_height * latent_width / 16)
+        grid = min(maps_by_grid, key=lambda g: (abs(math.log2(g[0] * g[1]) - target), -g[0] * g[1]))
+        attention_maps = maps_by_grid[grid]
+
+        layouts = []
+        for index, image in enumerate(coarse_images):
+            prompt = prompts[index // num_images_per_prompt]
+            captions = list(captioner(image, prompt))
+            texts = [c.text if isinstance(c, LocalCaption) else c for c in captions]
+            prompt_words = words_with_token_positions(self.tokenizer, prompt)
+            token_groups = [
+                place_caption(
+                    prompt_words, words_with_token_positions(self.tokenizer, text), self.tokenizer.model_max_length
+                ).prompt_positions
+                for text in texts
+            ]
+            placeable = [i for i, tokens in enumerate(token_groups) if tokens]
+            attention_masks: list[torch.Tensor | None] = [None] * len(texts)
+            for i, mask in zip(
+                placeable, masks_from_attention_maps(attention_maps[index], [token_groups[i] for i in placeable])
+            ):
+                attention_masks[i] = mask_to_tensor(mask, height, width)
+            masks: list[torch.Tensor | None] = list(attention_masks)
+            sources = ["attention"] * len(texts)
+            if grounder is not None and texts:
+                grounded = grounder(image, texts)
+                if len(grounded) != len(texts):
+                    raise ValueError(f"the grounder returned {len(grounded)} masks for {len(texts)} captions")
+                for i, mask in enumerate(grounded):
+                    if mask is not None:
+                        masks[i] = mask_to_tensor(mask, height, width, argument="grounder mask")
+                        sources[i] = getattr(grounder, "name", type(grounder).__name__)
+            layouts.append(self.build_layout(prompt, captions, masks, sources, strict=False))
+        return layouts
