@@ -942,8 +942,13 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         callback_on_step_end: Callable | None,
         callback_on_step_end_tensor_inputs: list[str],
         label: str,
+        stop_after_steps: int | None = None,
     ) -> torch.Tensor:
-        """One denoising pass: the Stable Diffusion loop, with the attention state updated per step."""
+        """One denoising pass: the Stable Diffusion loop, with the attention state updated per step.
+
+        With ``stop_after_steps`` the pass ends early and returns the scheduler's prediction of the
+        clean latents (``x0``) at that step instead of the noisy latents: the early-stopped coarse pass.
+        """
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, self._execution_device, timesteps, sigmas
         )
@@ -951,10 +956,13 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         attention_kwargs = {**cross_attention_kwargs, "realign_state": state}
         negative_prompt_embeds = prompt_embeds.chunk(2)[0] if self.do_classifier_free_guidance else None
-        with self._labelled_progress_bar(num_inference_steps, label) as progress_bar:
+        total = num_inference_steps if stop_after_steps is None else min(stop_after_steps, num_inference_steps)
+        with self._labelled_progress_bar(total, label) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
+                if stop_after_steps is not None and i >= stop_after_steps:
+                    break
                 state.timestep = float(t)
                 state.modulate = i < modulated_steps
 
@@ -976,7 +984,11 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                         noise_pred = rescale_noise_cfg(
                             noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale
                         )
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                step_output = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=True)
+                if stop_after_steps is not None and i == stop_after_steps - 1:
+                    progress_bar.update()
+                    return self._predicted_clean_latents(step_output, latents, noise_pred, t)
+                latents = step_output.prev_sample
 
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
@@ -994,6 +1006,27 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                     progress_bar.update()
         return latents
 
+    def _predicted_clean_latents(
+        self, step_output: Any, latents: torch.Tensor, noise_pred: torch.Tensor, timestep: torch.Tensor
+    ) -> torch.Tensor:
+        """The x0 prediction at a step: the scheduler's own when it gives one, else from ᾱ_t (DDPM Eq. 15)."""
+        predicted = getattr(step_output, "pred_original_sample", None)
+        if predicted is not None:
+            return predicted
+        alphas_cumprod = getattr(self.scheduler, "alphas_cumprod", None)
+        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        if alphas_cumprod is None or getattr(self.scheduler, "init_noise_sigma", 1.0) != 1.0:
+            raise ValueError(
+                f"{type(self.scheduler).__name__} gives no x0 prediction, so the coarse pass cannot stop early: "
+                "pass `coarse_stop_fraction=1.0` or use a DDIM/DDPM-style scheduler."
+            )
+        alpha = alphas_cumprod.to(latents.device)[int(timestep)].to(latents.dtype)
+        if prediction_type == "epsilon":
+            return (latents - (1 - alpha).sqrt() * noise_pred) / alpha.sqrt()
+        if prediction_type == "v_prediction":
+            return alpha.sqrt() * latents - (1 - alpha).sqrt() * noise_pred
+        return noise_pred
+
     def decode(
         self, latents: torch.Tensor, generator: Any, dtype: torch.dtype
     ) -> tuple[torch.Tensor, list[bool] | None]:
@@ -1007,11 +1040,16 @@ class RealignDiffPipeline(StableDiffusionPipeline):
 
     def _check_realign_inputs(
         self,
+        coarse_stop_fraction: float,
         modulation_fraction: float,
         cross_attention_weight: float,
         self_attention_weight: float,
         area_weight: float,
     ) -> None:
+        if not 0.0 < coarse_stop_fraction <= 1.0:
+            raise ValueError(
+                f"`coarse_stop_fraction` must be in (0, 1] (a fraction of the steps), got {coarse_stop_fraction}."
+            )
         if not 0.0 <= modulation_fraction <= 1.0:
             raise ValueError(
                 f"`modulation_fraction` must be in [0, 1] (a fraction of the steps), got {modulation_fraction}."
@@ -1052,6 +1090,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         regions: RegionsArgument | None = None,
         captioner: DenseCaptioner | None = None,
         grounder: Grounder | None = None,
+        coarse_stop_fraction: float = 0.3,
         modulation_fraction: float = 0.3,
         cross_attention_weight: float = 1.0,
         self_attention_weight: float = 0.3,
@@ -1074,6 +1113,9 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             grounder (`Grounder`, *optional*): a mask per caption from the coarse image; defaults to
                 `self.grounder`, then to masks from the coarse pass's cross-attention maps (which
                 also fill in any caption the grounder returns `None` for).
+            coarse_stop_fraction (`float`, defaults to 0.3): the coarse pass stops after this fraction
+                of the steps; its image is the decoded x0 prediction at that step and the attention
+                masks average the steps run so far. `1.0` runs the full coarse pass, as the paper does.
             modulation_fraction (`float`, defaults to 0.3): the fraction of steps, from the first,
                 whose attention is re-weighted (DenseDiffusion: 0.3).
             cross_attention_weight (`float`, defaults to 1.0), self_attention_weight (`float`,
@@ -1099,7 +1141,9 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         self.check_inputs(
             prompt, height, width, None, negative_prompt, None, None, None, None, callback_on_step_end_tensor_inputs
         )
-        self._check_realign_inputs(modulation_fraction, cross_attention_weight, self_attention_weight, area_weight)
+        self._check_realign_inputs(
+            coarse_stop_fraction, modulation_fraction, cross_attention_weight, self_attention_weight, area_weight
+        )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}.")
@@ -1171,6 +1215,9 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             coarse_output = None
             if user_layouts is None:
                 recorder = CrossAttentionRecorder() if realign else None
+                coarse_stop_steps = None
+                if realign and coarse_stop_fraction < 1.0:
+                    coarse_stop_steps = max(1, round(coarse_stop_fraction * num_inference_steps))
                 coarse_state = AttentionModulationState(
                     latent_size=latent_size,
                     recorder=recorder,
@@ -1183,6 +1230,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                     state=coarse_state,
                     modulated_steps=0,
                     label="RealignDiff coarse pass" if realign else "Stable Diffusion",
+                    stop_after_steps=coarse_stop_steps,
                     **pass_kwargs,
                 )
                 if output_type == "latent" and not realign:

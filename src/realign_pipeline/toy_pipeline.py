@@ -45,34 +45,51 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, [chr(c) for c in chars]))
 
 
+def learn_bpe_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    """Learn BPE merges (Sennrich et al. 2016) until every word is a single token.
+
+    Applying the merges in order re-creates each learned word exactly, which a hand-written
+    merge list does not guarantee: BPE always applies the lowest-ranked pair first.
+    """
+    segmented = {word: list(word[:-1]) + [word[-1] + "</w>"] for word in words}
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for pieces in segmented.values():
+            for pair in zip(pieces, pieces[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = max(counts, key=lambda pair: (counts[pair], pair))
+        merges.append(best)
+        for word, pieces in segmented.items():
+            merged: list[str] = []
+            index = 0
+            while index < len(pieces):
+                if index + 1 < len(pieces) and (pieces[index], pieces[index + 1]) == best:
+                    merged.append(pieces[index] + pieces[index + 1])
+                    index += 2
+                else:
+                    merged.append(pieces[index])
+                    index += 1
+            segmented[word] = merged
+
+
 def write_clip_tokenizer_files(folder: str | Path, words: Iterable[str] = TOY_WORDS.split()) -> None:
     """Write ``vocab.json`` and ``merges.txt`` for a CLIP BPE tokenizer that knows ``words``.
 
-    Each word gets the left-to-right chain of merges that builds it, ending in ``</w>``,
-    so it becomes one token.
+    Known words become one token each; anything else falls back to single characters.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    known = [w for w in dict.fromkeys(w.lower() for w in words) if re.fullmatch(r"[a-z]+", w) and len(w) > 1]
+    merges = learn_bpe_merges(known)
     base = list(_bytes_to_unicode().values())
-    vocab_tokens: list[str] = base + [c + "</w>" for c in base]
-    merges: list[str] = []
-    seen_merges: set[str] = set()
-    for word in dict.fromkeys(w.lower() for w in words):
-        if not re.fullmatch(r"[a-z]+", word) or len(word) < 2:
-            continue
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            rule = f"{merged} {piece}"
-            merged = merged + piece
-            if rule not in seen_merges:
-                seen_merges.add(rule)
-                merges.append(rule)
-                vocab_tokens.append(merged)
+    vocab_tokens = base + [c + "</w>" for c in base] + [a + b for a, b in merges]
     vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(vocab_tokens))}
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
 
 
 def build_toy_pipeline(tokenizer: CLIPTokenizer, seed: int = 0, sample_size: int = 16) -> StableDiffusionPipeline:
