@@ -34,12 +34,15 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models.attention_processor import Attention
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from tqdm.auto import tqdm
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 logger = logging.get_logger(__name__)
 
@@ -201,6 +204,11 @@ class PromptPhraseCaptioner:
         "on in at to into onto from by for with without near next beside behind above below under over "
         "is are was were be been being has have had while as of".split()
     )
+    bare_phrase_openers = frozenset(["and", "or", "with", ","])
+    attribute_words = frozenset(
+        "red green blue yellow black white brown pink purple orange gray grey silver golden gold beige violet "
+        "striped spotted dark light pale bright".split()
+    )
 
     def __call__(self, image: PIL.Image.Image | None, prompt: str) -> list[str]:
         return self.phrases(prompt)
@@ -210,26 +218,39 @@ class PromptPhraseCaptioner:
         tokens = re.findall(r"[\w'-]+|[^\w\s]", prompt)
         phrases: list[list[str]] = []
         current: list[str] = []
+        last_break = ""
         for index, token in enumerate(tokens):
             word = token.lower()
+            previous = current[-1].lower() if current else ""
             following = tokens[index + 1].lower() if index + 1 < len(tokens) else ""
-            if word in self.determiners and (not current or current[-1].lower() not in self.determiners):
+            starts_phrase = word in self.determiners and previous not in self.determiners
+            # "and" joins two attributes of one object ("black and white cat") or two objects.
+            joins_attributes = previous in self.attribute_words and following in self.attribute_words
+            # A word in -ing right after "and" or at a phrase boundary is a verb ("... and reading").
+            is_verb = word.endswith("ing") and (not current or previous in ("and", "or"))
+            # "of" inside an object ("a slice of cheese") rather than between two ("a statue of a bird").
+            of_inside = word == "of" and current and previous not in NON_CONTENT_WORDS
+            of_inside = of_inside and following not in self.determiners
+            if starts_phrase:
                 if current:
                     phrases.append(current)
                 current = [token]
-            elif not re.match(r"\w", token) or word in self.phrase_breaks or word.endswith("ing"):
+            elif of_inside:
+                current.append(token)
+            elif (
+                not re.match(r"\w", token)
+                or word in self.phrase_breaks
+                or is_verb
+                or (word in ("and", "or") and not joins_attributes)
+            ):
                 if current:
                     phrases.append(current)
                 current = []
-            elif word in ("and", "or"):
-                if following in self.determiners:
-                    if current:
-                        phrases.append(current)
-                    current = []
-                elif current:
-                    current.append(token)
+                last_break = word
             elif current or not phrases:
                 current.append(token)
+            elif last_break in self.bare_phrase_openers:
+                current = [token]  # a phrase with no determiner ("... and yellow bananas")
         if current:
             phrases.append(current)
         cleaned = []
@@ -705,14 +726,14 @@ class RealignDiffPipeline(StableDiffusionPipeline):
 
     def __init__(
         self,
-        vae,
-        text_encoder,
-        tokenizer,
-        unet,
-        scheduler,
-        safety_checker,
-        feature_extractor,
-        image_encoder=None,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: StableDiffusionSafetyChecker,
+        feature_extractor: CLIPImageProcessor,
+        image_encoder: CLIPVisionModelWithProjection = None,
         requires_safety_checker: bool = True,
         captioner: DenseCaptioner | None = None,
         grounder: Grounder | None = None,
@@ -856,8 +877,10 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                     reason = (
                         f"its words {placement.truncated_words} fall past the tokenizer's {max_length}-token limit"
                     )
+                elif placement.missing_words:
+                    reason = f"its words {placement.missing_words} are not in the prompt {prompt!r}"
                 else:
-                    reason = f"none of its words are in the prompt {prompt!r}"
+                    reason = "it has no words that describe an object"
             elif strict and placement.missing_words:
                 reason = f"its words {placement.missing_words} are not in the prompt {prompt!r}"
             if reason is not None:
