@@ -1,0 +1,164 @@
+"""The ``realign`` command: ``generate``, ``demo`` (and ``train``, ``push``, ``eval`` where installed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def read_prompts(prompt: Sequence[str] | None, prompts_file: str | None) -> list[str]:
+    """Prompts from ``--prompt`` (repeatable) and/or a text file with one prompt per line."""
+    prompts = list(prompt or [])
+    if prompts_file:
+        prompts += [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give at least one --prompt or a --prompts-file")
+    return prompts
+
+
+def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate images with RealignDiff",
+        description="Run RealignDiff's coarse and fine passes on prompts and write images, masks and a panel.",
+    )
+    parser.add_argument("--model", required=True, help="base Stable Diffusion repo id or folder")
+    parser.add_argument("--realign-unet", default=None, help="repo id or folder of a caption-reward fine-tuned UNet")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    parser.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    parser.add_argument("--output", default="outputs/generate", help="folder for images, masks and layouts")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps per pass (default 50)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--coarse-stop-fraction", type=float, default=0.3)
+    parser.add_argument("--no-realign", action="store_true", help="plain Stable Diffusion, for comparison")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float16" if torch.cuda.is_available() else "float32"
+    )
+    parser.set_defaults(run=run_generate)
+
+
+def write_outputs(output, prompts: list[str], folder: Path, notes: list[list[str]] | None = None) -> Path:
+    """Write final and coarse images, one PNG per mask, ``layouts.json`` and ``panel.png``."""
+    from .visualize import save_layout_panels
+
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, image in enumerate(output.images):
+        image.save(folder / f"{index:03d}-final.png")
+        record = {"image": f"{index:03d}-final.png"}
+        if output.coarse_images is not None:
+            output.coarse_images[index].save(folder / f"{index:03d}-coarse.png")
+            record["coarse_image"] = f"{index:03d}-coarse.png"
+        if output.layouts is not None:
+            layout = output.layouts[index]
+            record["prompt"] = layout.prompt
+            record["regions"] = []
+            for region_index, region in enumerate(layout.regions):
+                mask_name = f"{index:03d}-mask{region_index}.png"
+                PIL.Image.fromarray(region.mask.numpy().astype("uint8") * 255).save(folder / mask_name)
+                record["regions"].append(
+                    {
+                        "caption": region.caption,
+                        "mask": mask_name,
+                        "tokens": region.token_indices,
+                        "source": region.source,
+                    }
+                )
+            record["dropped"] = [{"caption": d.caption, "reason": d.reason} for d in layout.dropped]
+        records.append(record)
+    (folder / "layouts.json").write_text(json.dumps(records, indent=2))
+    if output.layouts is not None:
+        save_layout_panels(output.images, output.layouts, folder / "panel.png", output.coarse_images, notes=notes)
+    return folder
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from .pipeline_realign_diff import RealignDiffPipeline
+
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    pipe = RealignDiffPipeline.from_pretrained(args.model, realign_unet=args.realign_unet, dtype=DTYPES[args.dtype])
+    pipe.to(args.device)
+    output = pipe(
+        prompts,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        generator=torch.Generator(args.device).manual_seed(args.seed),
+        realign=not args.no_realign,
+        coarse_stop_fraction=args.coarse_stop_fraction,
+    )
+    folder = write_outputs(output, prompts, Path(args.output))
+    print(f"wrote {len(output.images)} image(s) to {folder}")
+
+
+def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run RealignDiff end to end on the built-in default model",
+        description="Run both passes on a few prompts with the built-in default model (no download) and write "
+        "the coarse images, the masks and the final images to --output.",
+    )
+    parser.add_argument("--output", default="outputs/demo")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=run_demo)
+
+
+DEMO_PROMPTS = ["a red book and a yellow vase", "a green cat on the left of a blue car"]
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from .pipeline_realign_diff import RealignDiffPipeline
+    from .toy_pipeline import save_toy_pipeline
+
+    with tempfile.TemporaryDirectory() as folder:
+        print(
+            "demo model: a tiny Stable Diffusion pipeline built from configs with RANDOM weights "
+            "(realign_pipeline.toy_pipeline); it draws noise, but runs every code path of the real method."
+        )
+        save_toy_pipeline(folder)
+        pipe = RealignDiffPipeline.from_pretrained(folder)
+        output = pipe(
+            DEMO_PROMPTS,
+            num_inference_steps=args.steps,
+            generator=torch.Generator().manual_seed(args.seed),
+            coarse_stop_fraction=1.0,
+        )
+    out_folder = write_outputs(output, DEMO_PROMPTS, Path(args.output))
+    for layout in output.layouts:
+        print(
+            f"{layout.prompt!r}: "
+            + ", ".join(f"{r.caption!r} ({r.source}, tokens {r.token_indices})" for r in layout.regions)
+        )
+    print(f"wrote coarse images, masks, final images and panel.png to {out_folder}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="realign", description="RealignDiff for diffusers.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(subparsers)
+    add_demo_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
