@@ -647,3 +647,10 @@ def test_swap_replaces_only_region_tokens(pipe):
         caption_ids = pipe.tokenizer("a yellow vase", padding="max_length", max_length=77, return_tensors="pt")
         alone = pipe.text_encoder(caption_ids.input_ids)[0]
     assert torch.allclose(swapped[0, 6:8], alone[0, 2:4])
+
+
+def test_dtype_may_be_given_by_name(toy_pipeline_folder):
+    pipe = RealignDiffPipeline.from_pretrained(toy_pipeline_folder, dtype="bfloat16")
+    assert pipe.unet.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="`dtype` must be a torch dtype"):
+        RealignDiffPipeline.from_pretrained(toy_pipeline_folder, dtype="float17")

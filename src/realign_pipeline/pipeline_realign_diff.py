@@ -770,6 +770,15 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         It is loaded from safetensors only. Every other argument goes to
         ``StableDiffusionPipeline.from_pretrained``.
         """
+        for name in ("dtype", "torch_dtype"):
+            if isinstance(kwargs.get(name), str):
+                # Accept "float16" as well as torch.float16, so a three-line script needs no torch import.
+                dtype = getattr(torch, kwargs[name], None)
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(
+                        f"`{name}` must be a torch dtype or its name (e.g. 'float16'), got {kwargs[name]!r}."
+                    )
+                kwargs[name] = dtype
         if realign_unet is not None:
             if "unet" in kwargs:
                 raise ValueError("Pass either `unet` or `realign_unet`, not both.")

@@ -1,0 +1,49 @@
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from realign_pipeline.cli import build_parser, main, read_prompts
+
+
+def test_generate_writes_images_masks_layouts_and_panel(toy_pipeline_folder, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red book and a yellow vase\n\na green cat\n")
+    out = tmp_path / "out"
+    main(
+        [
+            "generate",
+            "--model",
+            str(toy_pipeline_folder),
+            "--prompts-file",
+            str(prompts),
+            "--output",
+            str(out),
+            "--steps",
+            "2",
+            "--coarse-stop-fraction",
+            "1.0",
+        ]
+    )
+    records = json.loads((out / "layouts.json").read_text())
+    assert [r["prompt"] for r in records] == ["a red book and a yellow vase", "a green cat"]
+    assert [region["caption"] for region in records[0]["regions"]] == ["a red book", "a yellow vase"]
+    mask = np.asarray(PIL.Image.open(out / records[0]["regions"][0]["mask"]))
+    assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+    assert PIL.Image.open(out / "panel.png").width == 4 * 192
+    assert (out / "000-coarse.png").exists() and (out / "001-final.png").exists()
+
+
+def test_demo_says_which_model_it_used(tmp_path, capsys):
+    main(["demo", "--output", str(tmp_path / "demo"), "--steps", "2"])
+    printed = capsys.readouterr().out
+    assert "RANDOM weights" in printed
+    assert (tmp_path / "demo" / "panel.png").exists()
+
+
+def test_prompts_are_required():
+    with pytest.raises(SystemExit, match="at least one --prompt"):
+        read_prompts(None, None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate"])
