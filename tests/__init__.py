@@ -1,0 +1,1 @@
+"""The test suite; a package so that tests can share helpers such as ``tests.servers.openai_stub``."""
