@@ -23,7 +23,7 @@ env: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/realign demo --output outputs/demo
 
-test: test-main
+test: test-main test-vision
 
 test-main: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not vision"
