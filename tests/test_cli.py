@@ -47,3 +47,37 @@ def test_prompts_are_required():
         read_prompts(None, None)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate"])
+
+
+def test_generate_with_grounding_sam_by_name(toy_pipeline_folder, tmp_path):
+    from tests.grounding.tiny_grounding_models import save_tiny_grounding_dino, save_tiny_sam
+
+    detector = save_tiny_grounding_dino(tmp_path / "dino")
+    segmenter = save_tiny_sam(tmp_path / "sam")
+    out = tmp_path / "out"
+    main(
+        [
+            "generate",
+            "--model",
+            str(toy_pipeline_folder),
+            "--prompt",
+            "a red book and a yellow vase",
+            "--output",
+            str(out),
+            "--steps",
+            "2",
+            "--grounder",
+            "grounding-sam",
+            "--detector",
+            str(detector),
+            "--segmenter",
+            str(segmenter),
+            "--box-threshold",
+            "0",
+            "--text-threshold",
+            "0",
+        ]
+    )
+    records = json.loads((out / "layouts.json").read_text())
+    sources = {region["source"] for region in records[0]["regions"]}
+    assert sources <= {"grounding-dino+sam", "attention"} and "grounding-dino+sam" in sources

@@ -12,6 +12,8 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from .preprocessors import CAPTIONER_NAMES, GROUNDER_NAMES, load_captioner, load_grounder
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -43,6 +45,20 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--coarse-stop-fraction", type=float, default=0.3)
     parser.add_argument("--no-realign", action="store_true", help="plain Stable Diffusion, for comparison")
+    parser.add_argument("--captioner", choices=CAPTIONER_NAMES, default="rule", help="dense captioner (default rule)")
+    parser.add_argument("--image-captioner", default=None, help="BLIP/BLIP-2 checkpoint shown to the LLM captioner")
+    parser.add_argument("--llm-model", default=None, help="LLM model name (default: $REALIGN_LLM_MODEL)")
+    parser.add_argument("--llm-base-url", default=None, help="OpenAI-compatible server (default: $OPENAI_BASE_URL)")
+    parser.add_argument(
+        "--grounder", choices=GROUNDER_NAMES, default="attention", help="mask source (default attention)"
+    )
+    parser.add_argument("--detector", default="IDEA-Research/grounding-dino-tiny", help="Grounding DINO checkpoint")
+    parser.add_argument("--segmenter", default="facebook/sam-vit-base", help="SAM checkpoint (transformers)")
+    parser.add_argument("--box-threshold", type=float, default=0.3)
+    parser.add_argument("--text-threshold", type=float, default=0.25)
+    parser.add_argument("--sam-checkpoint", default=None, help="segment-anything .pth file")
+    parser.add_argument("--groundingdino-config", default=None, help="groundingdino-py config file")
+    parser.add_argument("--groundingdino-checkpoint", default=None, help="groundingdino-py checkpoint file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float16" if torch.cuda.is_available() else "float32"
@@ -89,7 +105,30 @@ def run_generate(args: argparse.Namespace) -> None:
     from .pipeline_realign_diff import RealignDiffPipeline
 
     prompts = read_prompts(args.prompt, args.prompts_file)
-    pipe = RealignDiffPipeline.from_pretrained(args.model, realign_unet=args.realign_unet, dtype=DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype]
+    captioner = load_captioner(
+        args.captioner,
+        device=args.device,
+        dtype=dtype,
+        image_captioner=args.image_captioner,
+        model=args.llm_model,
+        base_url=args.llm_base_url,
+    )
+    grounder = load_grounder(
+        args.grounder,
+        device=args.device,
+        dtype=dtype,
+        detector=args.detector,
+        segmenter=args.segmenter,
+        box_threshold=args.box_threshold,
+        text_threshold=args.text_threshold,
+        sam_checkpoint=args.sam_checkpoint,
+        groundingdino_config=args.groundingdino_config,
+        groundingdino_checkpoint=args.groundingdino_checkpoint,
+    )
+    pipe = RealignDiffPipeline.from_pretrained(
+        args.model, realign_unet=args.realign_unet, dtype=dtype, captioner=captioner, grounder=grounder
+    )
     pipe.to(args.device)
     output = pipe(
         prompts,
