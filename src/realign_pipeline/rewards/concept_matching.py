@@ -76,7 +76,7 @@ class ConceptMatchingReward:
         model = BlipForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype).to(device)
         image_processor = processor.image_processor
         size = image_processor.size
-        kwargs.setdefault("image_size", size["height"] if isinstance(size, dict) else int(size))
+        kwargs.setdefault("image_size", int(size["height"]) if hasattr(size, "__getitem__") else int(size))
         kwargs.setdefault("image_mean", image_processor.image_mean)
         kwargs.setdefault("image_std", image_processor.image_std)
         return cls(model, processor.tokenizer, **kwargs)

@@ -37,8 +37,9 @@ def build_reward(spec: Mapping[str, Any], device: torch.device | str = "cpu") ->
     """One reward from ``{"name": ..., <its options>}`` (``weight`` is read by ``build_rewards``).
 
     Names: ``concept_matching`` (option ``model``: a BLIP captioning model), ``caption`` (options
-    ``captioner``, ``text_encoder``), ``tags`` (options ``tagger``: ``"module:Name"`` of a
-    tagger factory, ``llm``: keyword arguments of ``JsonChatClient``), or ``"module:Name"`` /
+    ``captioner``, ``text_encoder``), ``tags`` (options ``captioner``: the BLIP model of the
+    package's ``CaptionTagger``, or ``tagger``: ``"module:Name"`` of another tagger factory, with
+    ``tagger_options``; ``llm``: keyword arguments of ``JsonChatClient``), or ``"module:Name"`` /
     ``"file.py:Name"`` of a class or factory called with the remaining options.
     """
     options = {key: value for key, value in spec.items() if key not in ("name", "weight")}
@@ -56,7 +57,14 @@ def build_reward(spec: Mapping[str, Any], device: torch.device | str = "cpu") ->
         from ..llm.client import JsonChatClient
         from .tags import TagReward
 
-        tagger = import_object(options.pop("tagger"))(**options.pop("tagger_options", {}))
+        tagger_options = options.pop("tagger_options", {})
+        if "tagger" in options:
+            tagger = import_object(options.pop("tagger"))(**tagger_options)
+        else:
+            from ..captioners.blip import CaptionTagger
+
+            captioner = options.pop("captioner", "Salesforce/blip-image-captioning-large")
+            tagger = CaptionTagger.from_pretrained(captioner, device=device, **tagger_options)
         return TagReward(tagger, JsonChatClient(**options.pop("llm", {})))
     if ":" in name:
         return import_object(name)(**options)

@@ -1,0 +1,344 @@
+"""Save a caption-reward fine-tuned UNet and publish it to the Hugging Face Hub in one commit.
+
+Two kinds of repository:
+
+* a full pipeline folder: the base pipeline's components with the fine-tuned UNet in place,
+  ``model_index.json`` naming ``StableDiffusionPipeline`` (plain diffusers loads it) and the
+  pipeline file beside it as ``pipeline.py`` (``custom_pipeline=repo, trust_remote_code=True``
+  gives a ``RealignDiffPipeline``);
+* ``unet_only``: just ``unet/``, for ``RealignDiffPipeline.from_pretrained(base, realign_unet=repo)``.
+
+Either way with a model card (``README.md``) written from the run's ``training_summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from safetensors.torch import save_file
+
+SUMMARY_FILE = "training_summary.json"
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+REPO_TAGS = ["diffusers", "text-to-image", "realign-diff", "stable-diffusion"]
+
+
+# -- saving --------------------------------------------------------------------------------------
+
+
+def has_lora(unet: torch.nn.Module) -> bool:
+    return bool(getattr(unet, "_hf_peft_config_loaded", False))
+
+
+def merged_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's state dict with every LoRA update folded into its base weight (the model is not
+    changed): ``W = W_0 + ΔW`` per adapted layer, LoRA tensors dropped, peft's key renaming undone."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    deltas: dict[str, torch.Tensor] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            delta = None
+            for adapter in module.active_adapters:
+                if adapter in getattr(module, "lora_A", {}):
+                    update = module.get_delta_weight(adapter)
+                    delta = update if delta is None else delta + update
+            if delta is not None:
+                deltas[f"{name}.weight"] = delta
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in unet.state_dict().items():
+        if ".lora_" in key:
+            continue
+        clean = key.replace(".base_layer.", ".")
+        value = value.detach()
+        if clean in deltas:
+            value = value + deltas[clean].to(value.dtype)
+        merged[clean] = value.contiguous()
+    return merged
+
+
+def save_unet(unet: torch.nn.Module, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Save ``unet`` (LoRA merged in, if it has one) as a diffusers UNet folder with safetensors."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = (
+        merged_state_dict(unet)
+        if has_lora(unet)
+        else {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
+    )
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    unet.save_config(folder)
+    save_file({k: v.cpu() for k, v in state.items()}, folder / UNET_WEIGHTS, metadata={"format": "pt"})
+    return folder
+
+
+def save_lora_adapter(unet: torch.nn.Module, folder: str | Path) -> Path:
+    """Save the LoRA adapter alone (``pytorch_lora_weights.safetensors``), loadable with
+    ``pipe.load_lora_weights(folder)``."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    if not has_lora(unet):
+        raise ValueError("This UNet has no LoRA adapter to save.")
+    folder = Path(folder)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(save_directory=folder, unet_lora_layers=layers, safe_serialization=True)
+    return folder
+
+
+# -- the folder to upload --------------------------------------------------------------------------
+
+
+def read_summary(trained: str | Path) -> dict[str, Any]:
+    path = Path(trained) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def unet_folder_of(trained: str | Path) -> Path:
+    """``trained`` is a training output folder (with ``unet/``) or a UNet folder itself."""
+    trained = Path(trained)
+    for candidate in (trained / "unet", trained):
+        if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
+            return candidate
+    raise FileNotFoundError(f"No diffusers UNet (config.json + safetensors) in {trained} or {trained / 'unet'}.")
+
+
+def _markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(column, "")) for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+HYPERPARAMETERS = (
+    "method",
+    "learning_rate",
+    "max_train_steps",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "resolution",
+    "use_lora",
+    "lora_rank",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "use_ema",
+    "sampler",
+    "num_inference_steps",
+    "refl_step_range",
+    "guidance_scale",
+    "reward_loss_weight",
+    "reward_threshold",
+    "pretrain_loss_weight",
+    "pretrain_data",
+    "ranked_samples_per_prompt",
+    "ranked_rounds",
+    "seed",
+)
+
+
+def build_model_card(
+    summary: Mapping[str, Any],
+    repo_id: str,
+    base_model: str,
+    unet_only: bool,
+    license: str = "creativeml-openrail-m",
+    eval_table: str | None = None,
+    images: Mapping[str, str] | None = None,
+) -> ModelCard:
+    """The model card: metadata (base model, license, tags) and a body with usage, rewards and
+    their weights, hyperparameters, prompt set, before/after samples and evaluation tables."""
+    config = summary.get("config", {})
+    method = config.get("method", summary.get("method", "refl"))
+    card_data = ModelCardData(
+        base_model=base_model,
+        license=license,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=REPO_TAGS + (["lora"] if config.get("use_lora") else []) + [method.replace("_", "-")],
+        inference=True,
+    )
+    if unet_only:
+        usage = (
+            "This repository holds only the fine-tuned UNet. Load it into the base pipeline:\n\n"
+            "```python\nfrom realign_pipeline import RealignDiffPipeline\n\n"
+            f'pipe = RealignDiffPipeline.from_pretrained("{base_model}", realign_unet="{repo_id}")\n```\n\n'
+            "or with diffusers alone:\n\n```python\nfrom diffusers import StableDiffusionPipeline, "
+            "UNet2DConditionModel\n\n"
+            f'unet = UNet2DConditionModel.from_pretrained("{repo_id}", subfolder="unet")\n'
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", unet=unet)\n```'
+        )
+    else:
+        usage = (
+            "A complete Stable Diffusion pipeline with the fine-tuned UNet. Plain diffusers:\n\n"
+            "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}")\n```\n\n'
+            "With RealignDiff's fine stage (mask-guided attention re-weighting), from the "
+            "`pipeline.py` in this repository:\n\n"
+            "```python\nfrom diffusers import DiffusionPipeline\n\n"
+            f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", custom_pipeline="{repo_id}", '
+            "trust_remote_code=True)\n"
+            'image = pipe("a red book and a yellow vase").images[0]\n```'
+        )
+    rewards = config.get("rewards", [])
+    reward_rows = [
+        {"reward": spec.get("label", spec.get("name")), "weight": float(spec.get("weight", 1.0))} for spec in rewards
+    ]
+    hyper_rows = [{"setting": key, "value": json.dumps(config[key])} for key in HYPERPARAMETERS if key in config]
+    sections = [
+        f"# {repo_id.split('/')[-1]}",
+        f"Stable Diffusion ({base_model}) fine-tuned for text-image alignment with caption rewards, "
+        "the coarse stage of RealignDiff (arXiv 2305.19599). "
+        + (
+            "Trained with reward feedback learning (ReFL, ImageReward arXiv 2304.05977) on a differentiable "
+            "caption reward, with the denoising loss as regulariser."
+            if method == "refl"
+            else "Trained with reward-ranked fine-tuning (FineRewards' assemble learning, RAFT arXiv 2304.06767): "
+            "samples ranked by the sum of their ranks under each reward, the best kept and learned with the "
+            "denoising loss, the best round kept."
+        ),
+        "## Usage",
+        usage,
+        "## Rewards",
+        _markdown_table(reward_rows) or "(not recorded)",
+        "## Training",
+        f"Prompt set: `{config.get('prompts', 'unknown')}` ({summary.get('num_prompts', '?')} prompts); "
+        f"{summary.get('global_step', '?')} optimizer steps.",
+        _markdown_table(hyper_rows),
+    ]
+    if images:
+        sections.append("## Samples (validation prompts, same seeds)")
+        for label, path in images.items():
+            sections.append(f"**{label}**\n\n![{label}]({path})")
+    validation = summary.get("validation_table")
+    if validation:
+        sections += ["## Validation rewards", _markdown_table(validation)]
+    if eval_table:
+        sections += ["## Evaluation", eval_table.strip()]
+    sections += ["## License", f"`{license}`, as the base model."]
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
+    return ModelCard(content)
+
+
+def build_upload_folder(
+    trained: str | Path,
+    folder: str | Path,
+    repo_id: str,
+    base_model: str | None = None,
+    unet_only: bool = False,
+    license: str = "creativeml-openrail-m",
+    eval_table: str | None = None,
+    revision: str | None = None,
+) -> Path:
+    """Write exactly what ``push_folder`` will upload into ``folder``.
+
+    ``trained`` is a training output folder (``unet/``, ``training_summary.json``, sample grids)
+    or a bare UNet folder (then ``base_model`` is required). ``revision`` is the base model's.
+    """
+    trained, folder = Path(trained), Path(folder)
+    summary = read_summary(trained)
+    if base_model is None:
+        base_model = summary.get("config", {}).get("pretrained_model")
+        revision = revision or summary.get("config", {}).get("revision")
+    if not base_model:
+        raise ValueError("No base model: pass base_model (it is not in a training_summary.json here).")
+    unet_source = unet_folder_of(trained)
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} is not empty; everything in it would be uploaded. Use an empty folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    if unet_only:
+        shutil.copytree(unet_source, folder / "unet", dirs_exist_ok=True)
+    else:
+        from .pipeline_realign_diff import RealignDiffPipeline
+
+        unet = UNet2DConditionModel.from_pretrained(unet_source, use_safetensors=True)
+        pipe = RealignDiffPipeline.from_pretrained(base_model, unet=unet, revision=revision)
+        pipe.save_pretrained(folder, safe_serialization=True)
+    images = {}
+    for label, name in (("Before fine-tuning", "samples_before.png"), ("After fine-tuning", "samples_after.png")):
+        if (trained / name).is_file():
+            (folder / "images").mkdir(exist_ok=True)
+            shutil.copyfile(trained / name, folder / "images" / name)
+            images[label] = f"images/{name}"
+    card = build_model_card(summary, repo_id, base_model, unet_only, license, eval_table, images)
+    card.save(folder / "README.md")
+    return folder
+
+
+# -- uploading --------------------------------------------------------------------------------------
+
+
+def commit_operations(folder: str | Path) -> list[CommitOperationAdd]:
+    """One addition per file under ``folder``, at its relative path."""
+    folder = Path(folder)
+    return [
+        CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    ]
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    create_pr: bool = False,
+    revision: str | None = None,
+    commit_message: str = "Upload RealignDiff caption-reward fine-tuned model",
+    api: HfApi | None = None,
+) -> CommitInfo:
+    """Create the repo if needed and upload everything under ``folder`` in one commit.
+
+    ``revision`` is the branch to commit to (created if missing; with ``create_pr`` the PR's base).
+    ``api`` lets a caller point at another endpoint (a local server in tests).
+    """
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
+    if revision is not None and revision != "main" and not create_pr:
+        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True, repo_type="model")
+    return api.create_commit(
+        repo_id=repo_id,
+        operations=commit_operations(folder),
+        commit_message=commit_message,
+        revision=revision,
+        create_pr=create_pr,
+        token=token,
+        repo_type="model",
+    )
+
+
+def push_pipeline(
+    trained: str | Path,
+    repo_id: str,
+    base_model: str | None = None,
+    unet_only: bool = False,
+    token: str | None = None,
+    private: bool = False,
+    create_pr: bool = False,
+    revision: str | None = None,
+    license: str = "creativeml-openrail-m",
+    eval_table: str | None = None,
+    staging_dir: str | Path | None = None,
+    api: HfApi | None = None,
+) -> CommitInfo:
+    """Build the upload folder (a full pipeline, or ``unet/`` alone) with its model card and push it
+    in one commit. ``staging_dir`` keeps the folder (for a look before pushing); default: a temporary one."""
+    with tempfile.TemporaryDirectory(prefix="realign-push-") as temporary:
+        folder = Path(staging_dir) if staging_dir is not None else Path(temporary) / "repo"
+        build_upload_folder(trained, folder, repo_id, base_model, unet_only, license, eval_table)
+        return push_folder(folder, repo_id, token, private, create_pr, revision, api=api)

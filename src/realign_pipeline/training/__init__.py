@@ -1,0 +1,40 @@
+"""Caption-reward fine-tuning: ReFL and reward-ranked learning, on one device or many.
+
+Names load on first use, so ``realign_pipeline.training.command`` (the CLI's ``train`` and
+``push``) imports without the ``[train]`` extra (accelerate, peft) installed.
+"""
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "PromptSampler": ".data",
+    "TrainConfig": ".config",
+    "TrainResult": ".outputs",
+    "average_ranks": ".reward_ranked",
+    "latest_checkpoint": ".checkpoint",
+    "list_checkpoints": ".checkpoint",
+    "load_checkpoint": ".checkpoint",
+    "load_config": ".config",
+    "rank_sum": ".reward_ranked",
+    "read_prompts": ".data",
+    "refl_loss": ".refl",
+    "save_checkpoint": ".checkpoint",
+    "select_best": ".reward_ranked",
+    "step_generator": ".data",
+    "train": ".run",
+    "train_refl": ".refl",
+    "train_reward_ranked": ".reward_ranked",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

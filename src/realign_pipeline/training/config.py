@@ -1,0 +1,200 @@
+"""The one configuration of a caption-reward fine-tuning run, and how to read it from a file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def _default_rewards() -> list[dict[str, Any]]:
+    return [{"name": "concept_matching", "model": "Salesforce/blip-image-captioning-base", "weight": 1.0}]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a ``realign train`` run needs. Defaults are ReFL's settings (ImageReward, SD 1.4)
+    scaled to one GPU; ``method = "reward_ranked"`` switches to FineRewards' / RAFT's loop.
+
+    Read it with ``load_config(path, overrides)``: YAML (``.yaml``/``.yml``), JSON or TOML files
+    with these field names as keys.
+    """
+
+    # -- what to train, on what ------------------------------------------------------------------
+    pretrained_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """Base Stable Diffusion 1.x pipeline: a Hub id or a local diffusers folder."""
+    revision: str | None = None
+    method: str = "refl"
+    """``refl`` (reward feedback learning, needs a differentiable reward) or ``reward_ranked``."""
+    prompts: str = ""
+    """A text file with one prompt per line, or ``hf:<dataset id>`` (uses ``prompt_split``/``prompt_column``)."""
+    prompt_split: str = "train"
+    prompt_column: str = "prompt"
+    validation_prompts: str | None = None
+    """Prompt file for validation and the before/after sample grid; default: the first training prompts."""
+    num_validation_prompts: int = 4
+    rewards: list[dict[str, Any]] = field(default_factory=_default_rewards)
+    """Rewards and their weights: ``[{"name": "concept_matching", "weight": 1.0, ...options}]``;
+    names: ``concept_matching``, ``caption``, ``tags``, or ``"module:Name"`` / ``"file.py:Name"``."""
+    output_dir: str = "outputs/realign-refl"
+    seed: int = 0
+    resolution: int = 512
+
+    # -- the trained weights -------------------------------------------------------------------
+    use_lora: bool = True
+    lora_rank: int = 4
+    lora_alpha: float | None = None
+    """LoRA scale numerator (``alpha / rank`` scales the update); default: equal to the rank."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    gradient_checkpointing: bool = False
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    mixed_precision: str = "no"
+    """``no``, ``fp16`` or ``bf16`` (``accelerate launch --mixed_precision`` overrides it)."""
+
+    # -- optimisation --------------------------------------------------------------------------
+    learning_rate: float = 1e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    train_batch_size: int = 1
+    """Prompts per process per micro-step."""
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 1000
+    """Optimizer steps (ReFL); for ``reward_ranked`` the steps are set by rounds and kept samples."""
+    stop_after_steps: int | None = None
+    """End the run early at this step (after checkpointing), as a time-limited job would; the same
+    command without it resumes."""
+
+    # -- ReFL (ImageReward): sampling, the gradient step, the loss -----------------------------
+    sampler: str = "ddpm"
+    """``ddpm`` (ReFL's) or ``ddim`` (deterministic)."""
+    num_inference_steps: int = 40
+    refl_step_range: list[int] = field(default_factory=lambda: [30, 40])
+    """``[start, end)``: the denoising step (0-based, of ``num_inference_steps``) that takes the gradient
+    is drawn uniformly from it; steps before it run without gradient."""
+    guidance_scale: float = 7.5
+    reward_threshold: float = 0.0
+    """``α`` in ``λ·relu(α − r)``: scores above it stop contributing (ImageReward uses 2 for its reward;
+    concept matching's log-likelihoods are ≤ 0, so 0 keeps every sample in)."""
+    reward_loss_weight: float = 1e-3
+    """``λ`` (ImageReward's ``grad_scale``)."""
+    pretrain_loss_weight: float = 1.0
+    """Weight of the denoising (pretraining) loss on (image, caption) pairs; 0 turns the regulariser off."""
+    pretrain_data: str | None = None
+    """(image, caption) pairs: a folder with ``metadata.jsonl`` (``file_name``, ``text``), ``hf:<dataset id>``,
+    or ``generate`` (images of the base model for the training prompts, made once before training)."""
+    pretrain_image_column: str = "image"
+    pretrain_caption_column: str = "text"
+    pretrain_batch_size: int = 1
+    pretrain_generate_count: int = 64
+    attribute_concentration_weight: float = 0.0
+    """CoMat's attribute-concentration loss weight (1e-3 in CoMat), on the gradient step's cross-attention."""
+    attribute_concentration_grounder: dict[str, Any] | None = None
+    """Masks for it: ``{"name": "module:Factory", ...options}`` building a ``Grounder`` (Grounded-SAM, as
+    CoMat); ``None``: masks cut from the step's own cross-attention maps (no model)."""
+
+    # -- reward-ranked learning (FineRewards, RAFT) --------------------------------------------
+    ranked_samples_per_prompt: int = 10
+    ranked_keep_per_prompt: int = 1
+    ranked_rounds: int = 2
+    ranked_prompts_per_round: int | None = None
+    """Prompts sampled (per round, all processes together); default: all of them."""
+    ranked_epochs_per_round: int = 1
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    checkpointing_steps: int = 100
+    checkpoints_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = "latest"
+    """``latest`` (resume when a checkpoint exists, else start), a checkpoint folder, or ``None``."""
+    validation_steps: int = 0
+    """Score the validation prompts every this many steps (0: only before and after training)."""
+    report_to: str = "tensorboard"
+    """``tensorboard``, ``wandb``, ``all`` or ``none``."""
+    tracker_project_name: str = "realign-diff"
+    save_lora_adapter: bool = True
+    """LoRA runs: besides ``unet/`` (the update merged into the weights, loadable as a plain UNet), save
+    the adapter alone as ``lora/pytorch_lora_weights.safetensors``."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("refl", "reward_ranked"):
+            raise ValueError(f"method must be 'refl' or 'reward_ranked', not {self.method!r}.")
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', not {self.sampler!r}.")
+        start, end = self.refl_step_range
+        if self.method == "refl" and not 0 <= start < end <= self.num_inference_steps:
+            raise ValueError(
+                f"refl_step_range {self.refl_step_range} must satisfy 0 <= start < end <= num_inference_steps "
+                f"({self.num_inference_steps})."
+            )
+        if self.ranked_keep_per_prompt > self.ranked_samples_per_prompt:
+            raise ValueError("ranked_keep_per_prompt cannot exceed ranked_samples_per_prompt.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML, JSON or TOML file (by suffix)."""
+    path = Path(path)
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data = json.loads(text)
+    elif suffix == ".toml":
+        if sys.version_info < (3, 11):
+            raise RuntimeError("TOML configs need Python 3.11 (tomllib); use YAML or JSON.")
+        import tomllib
+
+        data = tomllib.loads(text)
+    elif suffix in (".yaml", ".yml"):
+        import yaml  # PyYAML comes with accelerate
+
+        data = yaml.safe_load(text) or {}
+    else:
+        raise ValueError(f"Unknown config format {path.suffix!r}: use .yaml, .yml, .json or .toml.")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of option names to values.")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with ``value`` read as YAML (so ``3``, ``1e-4``, ``[30, 40]``, ``null`` work)."""
+    import yaml
+
+    key, separator, value = text.partition("=")
+    if not separator:
+        raise ValueError(f"Override {text!r} is not of the form key=value.")
+    return key.strip(), yaml.safe_load(value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    """A ``TrainConfig`` from a file, with ``overrides`` (``["key=value", ...]`` or a dict) applied on top.
+
+    Unknown keys are an error, so a typo does not silently fall back to a default.
+    """
+    data = read_config_file(path) if path is not None else {}
+    if isinstance(overrides, dict):
+        data.update(overrides)
+    else:
+        data.update(dict(parse_override(item) for item in overrides or []))
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"Unknown config keys {unknown}. Known keys: {sorted(known)}.")
+    return TrainConfig(**data)
+
+
+def config_replace(config: TrainConfig, **changes: Any) -> TrainConfig:
+    """A copy of ``config`` with ``changes`` (validated again)."""
+    return dataclasses.replace(config, **changes)

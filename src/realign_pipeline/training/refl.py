@@ -1,0 +1,304 @@
+"""Reward feedback learning (ReFL) on a differentiable caption reward, with a denoising regulariser.
+
+ImageReward (Xu et al., arXiv 2304.05977), Algorithm 1 / Eq. (4), as RealignDiff's coarse stage
+uses it: for each prompt ``y``, sample ``x_T ~ N(0, I)`` and run the reverse process *without*
+gradient down to a step ``t`` drawn from the last window ``[t1, t2)``; take that one step *with*
+gradient, predict ``x̂0``, decode and score it, and minimise
+
+    L = λ · mean(relu(α − r(y, D(x̂0))))  +  w_pre · E‖ε − ε_θ(√ᾱ_s z + √(1−ᾱ_s) ε, s, c)‖²
+
+where the second term is the ordinary denoising loss on (image ``z``, caption ``c``) pairs: the
+paper's pretraining-loss regulariser, which ImageReward's public code leaves out.
+
+The file reads top to bottom like diffusers' ``train_text_to_image_lora.py``: accelerator,
+models, rewards, data, optimizer, resume, loop, save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, cast_training_params
+from tqdm.auto import tqdm
+
+from ..rewards.base import Reward
+from ..rewards.factory import build_rewards, import_object
+from .attribute import AttributeConcentrationTerm
+from .checkpoint import load_checkpoint, register_lora_checkpoint_hooks, resolve_resume, save_checkpoint
+from .common import (
+    Components,
+    decode_latents,
+    denoise,
+    denoising_loss,
+    encode_images,
+    encode_prompts,
+    initial_latents,
+    load_components,
+    noised_batch,
+    predict_x0,
+    tracker_config,
+    trainable_parameters,
+    weight_dtype_for,
+)
+from .config import TrainConfig
+from .data import CaptionedImages, PromptSampler, read_prompts, step_generator
+from .outputs import TrainResult, finish_run, make_accelerator, prepare_regularizer, validate
+
+logger = logging.getLogger(__name__)
+
+
+def refl_loss(
+    config: TrainConfig,
+    components: Components,
+    unet: torch.nn.Module,
+    sampling_unet: torch.nn.Module,
+    reward: Reward,
+    prompts: list[str],
+    regularizer: CaptionedImages | None,
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+    attribute: AttributeConcentrationTerm | None = None,
+) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    """One micro-batch of ReFL: returns ``(loss, logs, reward scores)``.
+
+    ``unet`` is the (possibly DDP-wrapped) model that takes the gradient step; ``sampling_unet`` the
+    same weights unwrapped, for the no-gradient part (no needless DDP bookkeeping there).
+    ``attribute`` adds CoMat's attribute-concentration loss on the gradient step's cross-attention.
+    """
+    sampler = components.sampler
+    sampler.set_timesteps(config.num_inference_steps, device=device)
+    start, end = config.refl_step_range
+    grad_index = int(torch.randint(start, end, (1,), generator=generator))
+    batch_size = len(prompts)
+    use_cfg = config.guidance_scale > 1.0
+
+    cond = encode_prompts(components, prompts, device).to(dtype)
+    uncond = encode_prompts(components, [""] * batch_size, device).to(dtype) if use_cfg else None
+    latents = initial_latents(components, batch_size, config.resolution, generator, device).to(dtype)
+    latents = denoise(
+        sampling_unet, sampler, latents, cond, uncond, config.guidance_scale, range(grad_index), generator
+    )
+
+    t = sampler.timesteps[grad_index]
+    model_input = sampler.scale_model_input(latents, t)
+    inputs = [model_input, model_input] if use_cfg else [model_input]
+    embeddings = [uncond, cond] if use_cfg else [cond]
+    timesteps = [t.expand(batch_size)] * len(inputs)
+    target = None
+    if regularizer is not None and config.pretrain_loss_weight > 0:
+        images, captions = regularizer.sample(config.pretrain_batch_size, generator)
+        clean = encode_images(components.vae, images.to(device), generator).to(dtype)
+        noisy, pre_timesteps, target = noised_batch(components.noise_scheduler, clean, generator)
+        inputs.append(noisy)
+        embeddings.append(encode_prompts(components, captions, device).to(dtype))
+        timesteps.append(pre_timesteps)
+    # One UNet call carries both losses: DDP expects one forward per backward, and one batched
+    # call is also faster than two.
+    recording = (
+        attribute.recording(sampling_unet, tuple(latents.shape[-2:]))
+        if attribute is not None
+        else contextlib.nullcontext((None, None))
+    )
+    with recording as (attention_kwargs, recorder):
+        output = unet(
+            torch.cat(inputs),
+            torch.cat(timesteps),
+            encoder_hidden_states=torch.cat(embeddings),
+            cross_attention_kwargs=attention_kwargs,
+        ).sample
+    reward_part = output[: (2 if use_cfg else 1) * batch_size]
+    if use_cfg:
+        output_uncond, output_cond = reward_part.chunk(2)
+        guided = output_uncond + config.guidance_scale * (output_cond - output_uncond)
+    else:
+        guided = reward_part
+    x0 = predict_x0(sampler, latents, guided, t.expand(batch_size))
+    images = decode_latents(components.vae, x0)
+    scores, _ = reward(images, prompts)
+    scores = scores.to(device).float()
+    reward_loss = config.reward_loss_weight * F.relu(config.reward_threshold - scores).mean()
+
+    loss = reward_loss
+    logs = {"reward": scores.mean().item(), "reward_loss": reward_loss.item(), "refl_step": float(grad_index)}
+    if target is not None:
+        pretrain_loss = denoising_loss(output[reward_part.shape[0] :], target)
+        loss = loss + config.pretrain_loss_weight * pretrain_loss
+        logs["pretrain_loss"] = pretrain_loss.item()
+    if attribute is not None:
+        conditional_rows = slice(batch_size, 2 * batch_size) if use_cfg else slice(0, batch_size)
+        attribute_loss = attribute.loss(recorder, conditional_rows, images, prompts)
+        loss = loss + attribute_loss
+        logs["attribute_concentration_loss"] = attribute_loss.item()
+    logs["loss"] = loss.item()
+    return loss, logs, scores.detach()
+
+
+def train_refl(config: TrainConfig, reward: Reward | None = None) -> TrainResult:
+    """Run ReFL as ``config`` says; resumes from the newest checkpoint in ``output_dir`` if any.
+
+    ``reward`` overrides ``config.rewards`` (for Python callers with a reward object in hand).
+    """
+    output_dir = Path(config.output_dir)
+    accelerator = make_accelerator(config)
+    set_seed(config.seed)  # same LoRA initialisation on every process
+    device = accelerator.device
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+
+    # Models: frozen VAE and text encoder in the compute dtype; trainable weights in float32.
+    components = load_components(config)
+    unet = components.unet
+    if weight_dtype == torch.float32:
+        for module in (components.vae, components.text_encoder, unet):
+            module.to(device)
+    else:
+        components.vae.to(device, dtype=weight_dtype)
+        components.text_encoder.to(device, dtype=weight_dtype)
+        # LoRA: frozen base weights in the compute dtype, trainable ones kept in float32.
+        unet.to(device, dtype=weight_dtype if config.use_lora else torch.float32)
+        cast_training_params(unet, dtype=torch.float32)
+    parameters = trainable_parameters(unet)
+
+    # Rewards.
+    reward = reward if reward is not None else build_rewards(config.rewards, device=device)
+    if not getattr(reward, "differentiable", False):
+        raise ValueError(
+            "ReFL back-propagates through the reward, so it needs a differentiable one (concept_matching); "
+            "for captions, tags and other non-differentiable rewards use method: reward_ranked."
+        )
+
+    # Data: prompts sharded by step and process; (image, caption) pairs for the regulariser.
+    prompts = read_prompts(config.prompts, config.prompt_split, config.prompt_column)
+    prompt_sampler = PromptSampler(
+        prompts, config.train_batch_size, accelerator.num_processes, accelerator.process_index, config.seed
+    )
+    regularizer = prepare_regularizer(config, components, accelerator, prompts, weight_dtype)
+    attribute = None
+    if config.attribute_concentration_weight > 0:
+        grounder = None
+        if config.attribute_concentration_grounder is not None:
+            spec = dict(config.attribute_concentration_grounder)
+            grounder = import_object(spec.pop("name"))(**spec)
+        attribute = AttributeConcentrationTerm(
+            components.tokenizer, config.attribute_concentration_weight, grounder=grounder
+        )
+
+    # Optimizer, LR schedule (accelerate steps a prepared scheduler once per process), EMA.
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_train_steps * accelerator.num_processes,
+    )
+    ema = EMAModel(parameters, decay=config.ema_decay) if config.use_ema else None
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+    if config.use_lora:
+        register_lora_checkpoint_hooks(accelerator)
+    sampling_unet = accelerator.unwrap_model(unet)
+
+    # Resume: weights, optimizer, LR scheduler, EMA, RNG states and the step count.
+    global_step = 0
+    checkpoint = resolve_resume(config.resume_from_checkpoint, output_dir)
+    if checkpoint is not None:
+        global_step = load_checkpoint(accelerator, checkpoint)["step"]
+        logger.info(f"Resumed from {checkpoint} at step {global_step}.")
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(config.tracker_project_name, config=tracker_config(config))
+    history: dict[str, Any] = {}
+    if global_step == 0:
+        history["before"] = validate(config, components, sampling_unet, reward, accelerator, weight_dtype, "before", 0)
+
+    progress = tqdm(
+        total=config.max_train_steps,
+        initial=global_step,
+        desc="ReFL steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    micro_step = global_step * config.gradient_accumulation_steps
+    stop_at = min(config.max_train_steps, config.stop_after_steps or math.inf)
+    while global_step < stop_at:
+        with accelerator.accumulate(unet):
+            generator = step_generator(config.seed, micro_step, accelerator.process_index)
+            batch_prompts = prompt_sampler.batch(micro_step)
+            with accelerator.autocast():
+                loss, logs, scores = refl_loss(
+                    config,
+                    components,
+                    unet,
+                    sampling_unet,
+                    reward,
+                    batch_prompts,
+                    regularizer,
+                    generator,
+                    device,
+                    weight_dtype,
+                    attribute,
+                )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        micro_step += 1
+
+        if accelerator.sync_gradients:
+            global_step += 1
+            if ema is not None:
+                ema.step(parameters)
+            logs["reward"] = accelerator.gather(scores).mean().item()
+            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            accelerator.log(logs, step=global_step)
+            progress.update(1)
+            progress.set_postfix(reward=f"{logs['reward']:.4f}", loss=f"{logs['loss']:.4g}")
+            if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
+                save_checkpoint(
+                    accelerator, output_dir, global_step, {"method": "refl"}, config.checkpoints_total_limit
+                )
+            if config.validation_steps and global_step % config.validation_steps == 0:
+                with _ema_weights(ema, parameters):
+                    tag = f"step-{global_step}"
+                    validate(config, components, sampling_unet, reward, accelerator, weight_dtype, tag, global_step)
+    progress.close()
+
+    finished = global_step >= config.max_train_steps
+    if finished and ema is not None:
+        ema.copy_to(parameters)
+    return finish_run(
+        config, accelerator, components, sampling_unet, reward, weight_dtype, global_step, finished, history, prompts
+    )
+
+
+class _ema_weights:
+    """Swap the EMA weights in for a validation, then put the training weights back."""
+
+    def __init__(self, ema: EMAModel | None, parameters: list[torch.nn.Parameter]) -> None:
+        self.ema, self.parameters = ema, parameters
+
+    def __enter__(self) -> None:
+        if self.ema is not None:
+            self.ema.store(self.parameters)
+            self.ema.copy_to(self.parameters)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.ema is not None:
+            self.ema.restore(self.parameters)

@@ -1,0 +1,74 @@
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOY_REWARDS = Path(__file__).with_name("toy_rewards.py")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_see_different_prompts_and_end_with_identical_weights(toy_config, tmp_path):
+    log_dir = tmp_path / "prompt_logs"
+    log_dir.mkdir()
+    options = toy_config(
+        max_train_steps=2,
+        train_batch_size=2,
+        checkpointing_steps=2,
+        rewards=[{"name": f"{TOY_REWARDS}:RecordingBrightness", "log_dir": str(log_dir)}],
+    )
+    # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (several CPU
+    # processes need mpirun). `--multi_gpu` spawns them through torch.distributed.run, and
+    # ACCELERATE_USE_CPU=true makes each set up accelerate's MULTI_CPU (gloo) instead of looking for GPUs.
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps(options))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
+        "-m", "realign_pipeline.training", "--config", str(config_file),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),  # no user accelerate config file can interfere
+        "ACCELERATE_USE_CPU": "true",
+    }
+    # A new session, so that on a timeout the launcher's workers go too (killing the launcher alone
+    # would leave them running).
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = launcher.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        _, stderr = launcher.communicate()
+        pytest.fail(f"the two-process run did not finish in 240 s:\n{stderr[-4000:]}")
+    assert launcher.returncode == 0, stderr[-4000:]
+
+    # The gradient calls of each process, step by step (validation calls run without grad).
+    seen = {}
+    for rank in (0, 1):
+        records = [json.loads(line) for line in (log_dir / f"prompts-{rank}.jsonl").read_text().splitlines()]
+        seen[rank] = [record["prompts"] for record in records if record["grad"]]
+    assert len(seen[0]) == len(seen[1]) == 2
+    for step in range(2):
+        assert not set(seen[0][step]) & set(seen[1][step]), f"both processes trained on one prompt at step {step}"
+
+    summary = json.loads((Path(options["output_dir"]) / "training_summary.json").read_text())
+    assert summary["num_processes"] == 2
+    first, second = summary["process_weight_fingerprints"]
+    assert first == second
+    assert (Path(options["output_dir"]) / "checkpoints" / "checkpoint-2" / "random_states_1.pkl").is_file()
