@@ -614,6 +614,7 @@ def fails_before_denoising(pipe, match, **kwargs):
         (dict(self_attention_weight=-0.3), "`self_attention_weight` must be >= 0"),
         (dict(area_weight=-1.0), "`area_weight` must be >= 0"),
         (dict(num_images_per_prompt=0), "`num_images_per_prompt`"),
+        (dict(attention_implementation="flash"), "`attention_implementation` must be one of"),
     ],
 )
 def test_bad_input_raises_before_denoising(pipe, kwargs, match):

@@ -14,6 +14,7 @@ from .pipeline_realign_diff import (
     RealignDiffPipelineOutput,
     Region,
     realign_processors_installed,
+    reweighted_attention_fast,
     reweighted_attention_reference,
 )
 
@@ -33,5 +34,6 @@ __all__ = [
     "RealignDiffPipelineOutput",
     "Region",
     "realign_processors_installed",
+    "reweighted_attention_fast",
     "reweighted_attention_reference",
 ]
