@@ -38,7 +38,10 @@ def test_generate_writes_images_masks_layouts_and_panel(toy_pipeline_folder, tmp
 def test_demo_says_which_model_it_used(tmp_path, capsys):
     main(["demo", "--output", str(tmp_path / "demo"), "--steps", "2"])
     printed = capsys.readouterr().out
-    assert "RANDOM weights" in printed
+    assert "demo model: the shapes world" in printed
+    assert printed.count("judge, coarse:") == 4 and printed.count("judge, final:") == 4
+    records = json.loads((tmp_path / "demo" / "layouts.json").read_text())
+    assert len(records) == 4 and all(record["regions"] for record in records)
     assert (tmp_path / "demo" / "panel.png").exists()
 
 

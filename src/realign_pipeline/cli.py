@@ -153,37 +153,69 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         "the coarse images, the masks and the final images to --output.",
     )
     parser.add_argument("--output", default="outputs/demo")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(run=run_demo)
 
 
-DEMO_PROMPTS = ["a red book and a yellow vase", "a green cat on the left of a blue car"]
+# The built-in default model: a small Stable Diffusion trained by this project on coloured shapes.
+BUILTIN_WORLD = Path(__file__).parent / "shapes" / "world"
+TOY_DEMO_PROMPTS = ["a red book and a yellow vase", "a green cat on the left of a blue car"]
+
+
+def demo_prompts() -> list[str]:
+    """Held-out prompts of the shapes world: pairings its UNet never saw drawn together."""
+    from .shapes import evaluation_prompts
+
+    return evaluation_prompts("binding", n=3) + evaluation_prompts("relation", n=1)
 
 
 def run_demo(args: argparse.Namespace) -> None:
     from .pipeline_realign_diff import RealignDiffPipeline
-    from .toy_pipeline import save_toy_pipeline
 
-    with tempfile.TemporaryDirectory() as folder:
-        print(
-            "demo model: a tiny Stable Diffusion pipeline built from configs with RANDOM weights "
-            "(realign_pipeline.toy_pipeline); it draws noise, but runs every code path of the real method."
-        )
-        save_toy_pipeline(folder)
+    with tempfile.TemporaryDirectory() as scratch:
+        if (BUILTIN_WORLD / "model_index.json").exists():
+            print(
+                f"demo model: the shapes world ({BUILTIN_WORLD}), a small Stable Diffusion trained by this project "
+                "on coloured shapes (see its README.md); prompts are held-out pairings, judged by "
+                "realign_pipeline.shapes.judge."
+            )
+            folder, prompts, guidance_scale = BUILTIN_WORLD, demo_prompts(), 4.0
+        else:
+            from .toy_pipeline import save_toy_pipeline
+
+            print(
+                "demo model: a tiny Stable Diffusion pipeline built from configs with RANDOM weights "
+                "(realign_pipeline.toy_pipeline); it draws noise, but runs every code path of the real method."
+            )
+            folder, prompts, guidance_scale = save_toy_pipeline(scratch), TOY_DEMO_PROMPTS, 7.5
         pipe = RealignDiffPipeline.from_pretrained(folder)
         output = pipe(
-            DEMO_PROMPTS,
+            prompts,
             num_inference_steps=args.steps,
+            guidance_scale=guidance_scale,
             generator=torch.Generator().manual_seed(args.seed),
-            coarse_stop_fraction=1.0,
+            coarse_stop_fraction=1.0,  # a full coarse pass, so the panel compares two finished images
         )
-    out_folder = write_outputs(output, DEMO_PROMPTS, Path(args.output))
-    for layout in output.layouts:
-        print(
-            f"{layout.prompt!r}: "
-            + ", ".join(f"{r.caption!r} ({r.source}, tokens {r.token_indices})" for r in layout.regions)
-        )
+    notes = None
+    if folder == BUILTIN_WORLD:
+        from .shapes import judge
+
+        notes = []
+        for prompt, coarse, final in zip(prompts, output.coarse_images, output.images):
+            verdicts = {name: judge(image, prompt) for name, image in (("coarse", coarse), ("final", final))}
+            notes.append(
+                [
+                    f"judge, {name}: {'PASS' if v.passed else 'fail'} ({'; '.join(v.reasons) or 'all checks hold'})"
+                    for name, v in verdicts.items()
+                ]
+            )
+    out_folder = write_outputs(output, prompts, Path(args.output), notes=notes)
+    for index, layout in enumerate(output.layouts):
+        regions = ", ".join(f"{r.caption!r} ({r.source}, tokens {r.token_indices})" for r in layout.regions)
+        print(f"{layout.prompt!r}: {regions}")
+        for line in notes[index] if notes else []:
+            print(f"    {line}")
     print(f"wrote coarse images, masks, final images and panel.png to {out_folder}")
 
 
