@@ -11,7 +11,9 @@ import torch  # noqa: E402
 
 from realign_pipeline.toy_pipeline import save_toy_pipeline  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the suite's models are tiny, and on a shared 2-core machine more threads than
+# cores stall (a small training run measured 41 s with 2 threads under load, 6 s with 1).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

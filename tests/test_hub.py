@@ -15,16 +15,9 @@ from peft import LoraConfig
 from realign_pipeline.hub import build_upload_folder, save_lora_adapter, save_unet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def toy_model(toy_pipeline_folder):
+    """The tiny random Stable Diffusion folder of tests/conftest.py."""
     return toy_pipeline_folder
 
 

@@ -18,15 +18,6 @@ from ..servers.openai_stub import STUB_API_KEY, chat_reply
 from .tiny_blip import WORDS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine is shared: one intra-op thread avoids oversubscription stalls.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def images():
     return [Image.new("RGB", (24, 32), (220, 20, 20)), Image.new("RGBA", (40, 40), (20, 20, 220, 255))]

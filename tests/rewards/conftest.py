@@ -1,14 +1,4 @@
 import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is shared: one thread per test process avoids oversubscription stalls.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

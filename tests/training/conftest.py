@@ -1,20 +1,10 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 TOY_REWARDS = Path(__file__).with_name("toy_rewards.py")
 COMPBENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "t2i-compbench" / "color_train.txt"
 FALLBACK_PROMPTS = ["a red book", "a blue car", "a green apple", "a yellow vase", "a black cat", "a white dog"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is shared: one thread per test process avoids oversubscription stalls.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import cast_training_params
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..rewards.base import to_pil_images
@@ -261,3 +262,16 @@ def tracker_config(config: TrainConfig) -> dict[str, Any]:
     for key, value in config.to_dict().items():
         flat[key] = json.dumps(value) if isinstance(value, (list, dict)) or value is None else value
     return flat
+
+
+def place_components(components: Components, device: torch.device, weight_dtype: torch.dtype, use_lora: bool) -> None:
+    """Move the models to ``device``: frozen VAE and text encoder in the compute dtype, trainable
+    weights in float32 (with LoRA the frozen base UNet weights go to the compute dtype too)."""
+    if weight_dtype == torch.float32:
+        for module in (components.vae, components.text_encoder, components.unet):
+            module.to(device)
+        return
+    components.vae.to(device, dtype=weight_dtype)
+    components.text_encoder.to(device, dtype=weight_dtype)
+    components.unet.to(device, dtype=weight_dtype if use_lora else torch.float32)
+    cast_training_params(components.unet, dtype=torch.float32)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, cast_training_params
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..rewards.base import Reward
@@ -43,6 +43,7 @@ from .common import (
     initial_latents,
     load_components,
     noised_batch,
+    place_components,
     predict_x0,
     tracker_config,
     trainable_parameters,
@@ -156,15 +157,7 @@ def train_refl(config: TrainConfig, reward: Reward | None = None) -> TrainResult
     # Models: frozen VAE and text encoder in the compute dtype; trainable weights in float32.
     components = load_components(config)
     unet = components.unet
-    if weight_dtype == torch.float32:
-        for module in (components.vae, components.text_encoder, unet):
-            module.to(device)
-    else:
-        components.vae.to(device, dtype=weight_dtype)
-        components.text_encoder.to(device, dtype=weight_dtype)
-        # LoRA: frozen base weights in the compute dtype, trainable ones kept in float32.
-        unet.to(device, dtype=weight_dtype if config.use_lora else torch.float32)
-        cast_training_params(unet, dtype=torch.float32)
+    place_components(components, device, weight_dtype, use_lora=config.use_lora)
     parameters = trainable_parameters(unet)
 
     # Rewards.

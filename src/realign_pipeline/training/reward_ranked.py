@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -43,6 +42,7 @@ from .common import (
     generate,
     load_components,
     noised_batch,
+    place_components,
     tracker_config,
     trainable_parameters,
     weight_dtype_for,
@@ -127,15 +127,7 @@ def train_reward_ranked(config: TrainConfig, reward: Reward | None = None) -> Tr
 
     components = load_components(config)
     unet = components.unet
-    if weight_dtype == torch.float32:
-        for module in (components.vae, components.text_encoder, unet):
-            module.to(device)
-    else:
-        components.vae.to(device, dtype=weight_dtype)
-        components.text_encoder.to(device, dtype=weight_dtype)
-        # LoRA: frozen base weights in the compute dtype, trainable ones kept in float32.
-        unet.to(device, dtype=weight_dtype if config.use_lora else torch.float32)
-        cast_training_params(unet, dtype=torch.float32)
+    place_components(components, device, weight_dtype, use_lora=config.use_lora)
     parameters = trainable_parameters(unet)
 
     reward = reward if reward is not None else build_rewards(config.rewards, device=device)
