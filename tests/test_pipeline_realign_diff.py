@@ -655,3 +655,16 @@ def test_dtype_may_be_given_by_name(toy_pipeline_folder):
     assert pipe.unet.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="`dtype` must be a torch dtype"):
         RealignDiffPipeline.from_pretrained(toy_pipeline_folder, dtype="float17")
+
+
+def test_model_cpu_offload_keeps_working(toy_pipeline_folder, sd_pipe):
+    """accelerate's offload hooks wrap the models; the processors are still swapped in and back."""
+    pipe = RealignDiffPipeline.from_pretrained(toy_pipeline_folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_model_cpu_offload(device="cpu")
+    plain = pipe(PROMPT, num_inference_steps=2, generator=seeded(), output_type="np", realign=False).images
+    expected = sd_pipe(PROMPT, num_inference_steps=2, generator=seeded(), output_type="np").images
+    assert np.array_equal(plain, expected)
+    out = pipe(PROMPT, num_inference_steps=2, generator=seeded(), output_type="np")
+    assert out.layouts[0].regions
+    assert all(type(p) is AttnProcessor2_0 for p in pipe.unet.attn_processors.values())
