@@ -17,6 +17,22 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def kill_processes_mentioning(text: str) -> None:
+    """SIGKILL every process whose command line contains ``text`` (Linux /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command_line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command_line:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.mark.slow
 def test_two_cpu_processes_see_different_prompts_and_end_with_identical_weights(toy_config, tmp_path):
     log_dir = tmp_path / "prompt_logs"
@@ -46,17 +62,21 @@ def test_two_cpu_processes_see_different_prompts_and_end_with_identical_weights(
         "HF_HOME": str(tmp_path / "hf_home"),  # no user accelerate config file can interfere
         "ACCELERATE_USE_CPU": "true",
     }
-    # A new session, so that on a timeout the launcher's workers go too (killing the launcher alone
-    # would leave them running).
-    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)  # fmt: skip
-    try:
-        _, stderr = launcher.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        _, stderr = launcher.communicate()
-        pytest.fail(f"the two-process run did not finish in 240 s:\n{stderr[-4000:]}")
-    assert launcher.returncode == 0, stderr[-4000:]
+    # Output goes to files, not pipes: a worker that outlives the launcher must not block the test.
+    # The launcher gets a new session so that on a timeout it can be killed with its process group;
+    # torch.distributed.run starts each worker in a session of its own, so those are found by command line.
+    stderr_path = tmp_path / "launcher.log"
+    with stderr_path.open("w") as log:
+        launcher = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            launcher.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            kill_processes_mentioning(str(config_file))
+            launcher.wait()
+            pytest.fail(f"the two-process run did not finish in 240 s:\n{stderr_path.read_text()[-4000:]}")
+    kill_processes_mentioning(str(config_file))  # none should be left; never leave a stray worker behind
+    assert launcher.returncode == 0, stderr_path.read_text()[-4000:]
 
     # The gradient calls of each process, step by step (validation calls run without grad).
     seen = {}

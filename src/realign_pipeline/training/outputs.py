@@ -223,4 +223,7 @@ def finish_run(
             config.save(output_dir / "config.json")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Leave the process group explicitly: left to interpreter shutdown, a gloo rank was seen to hang at exit.
+        torch.distributed.destroy_process_group()
     return TrainResult(output_dir, global_step, finished, read_validation_log(output_dir), history)
