@@ -23,7 +23,7 @@ cost. Peak memory is measured in a fresh process per variant:
 peak RSS on the CPU (the whole process, weights included, and the step's own rise above the RSS
 before it), ``torch.cuda.max_memory_allocated`` on a GPU.
 
-    python benchmarks/attention.py                       # 256 and 512 px, 3 rounds, CPU fp32
+    python benchmarks/attention.py                       # 256 and 512 px, 5 rounds, CPU fp32
     python benchmarks/attention.py --threads 1           # the same, robust to other jobs on the machine
     python benchmarks/attention.py --sizes 256 --repeats 5 --json attention.json
     python benchmarks/attention.py --device cuda --dtype float16 --sizes 512 1024
@@ -355,7 +355,7 @@ def cpu_name() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sizes in pixels")
-    parser.add_argument("--repeats", type=int, default=3, help="timing rounds (every variant once per round)")
+    parser.add_argument("--repeats", type=int, default=5, help="timing rounds (every variant once per round)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 / bfloat16 (GPU default fp16)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
