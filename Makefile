@@ -33,7 +33,7 @@ test-main: $(STAMP)
 
 test-vision:
 	bash scripts/make_vision_env.sh
-	.venv-vision/bin/python -m pytest -m vision
+	.venv-vision/bin/python -m pytest -m vision tests/grounding
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks
