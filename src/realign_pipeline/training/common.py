@@ -12,6 +12,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -275,3 +276,27 @@ def place_components(components: Components, device: torch.device, weight_dtype:
     components.text_encoder.to(device, dtype=weight_dtype)
     components.unet.to(device, dtype=weight_dtype if use_lora else torch.float32)
     cast_training_params(components.unet, dtype=torch.float32)
+
+
+def make_optimizer_and_scheduler(
+    config: TrainConfig, parameters: Iterable[torch.nn.Parameter], num_training_steps: int, num_processes: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW on ``parameters`` and the configured LR schedule.
+
+    A prepared scheduler is stepped once per process by accelerate, so its step counts are scaled by
+    ``num_processes``.
+    """
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * num_processes,
+        num_training_steps=num_training_steps * num_processes,
+    )
+    return optimizer, lr_scheduler

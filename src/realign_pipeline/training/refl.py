@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -42,6 +41,7 @@ from .common import (
     encode_prompts,
     initial_latents,
     load_components,
+    make_optimizer_and_scheduler,
     noised_batch,
     place_components,
     predict_x0,
@@ -185,18 +185,8 @@ def train_refl(config: TrainConfig, reward: Reward | None = None) -> TrainResult
         )
 
     # Optimizer, LR schedule (accelerate steps a prepared scheduler once per process), EMA.
-    optimizer = torch.optim.AdamW(
-        parameters,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=config.max_train_steps * accelerator.num_processes,
+    optimizer, lr_scheduler = make_optimizer_and_scheduler(
+        config, parameters, config.max_train_steps, accelerator.num_processes
     )
     ema = EMAModel(parameters, decay=config.ema_decay) if config.use_ema else None
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -41,6 +40,7 @@ from .common import (
     encode_prompts,
     generate,
     load_components,
+    make_optimizer_and_scheduler,
     noised_batch,
     place_components,
     tracker_config,
@@ -146,19 +146,7 @@ def train_reward_ranked(config: TrainConfig, reward: Reward | None = None) -> Tr
     steps_per_round = micro_steps_per_round // config.gradient_accumulation_steps
     total_steps = steps_per_round * config.ranked_rounds
 
-    optimizer = torch.optim.AdamW(
-        parameters,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps * num_processes,
-        num_training_steps=total_steps * num_processes,
-    )
+    optimizer, lr_scheduler = make_optimizer_and_scheduler(config, parameters, total_steps, num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if config.use_lora:
         register_lora_checkpoint_hooks(accelerator)
