@@ -7,12 +7,15 @@ from realign_pipeline import PromptPhraseCaptioner
 from realign_pipeline.shapes import data
 from realign_pipeline.shapes.data import (
     ALL_PAIRS,
+    CATEGORIES,
     EVAL_CATEGORIES,
+    EVAL_PROMPTS_PER_CATEGORY,
     HELD_OUT_PAIRS,
     TRAIN_PAIRS,
     caption_for,
     evaluation_prompts,
     evaluation_specs,
+    finetune_prompts,
     make_sample,
     parse_prompt,
     relation_holds,
@@ -104,3 +107,20 @@ def test_clip_tokenizer_spells_every_word_as_one_token(tmp_path):
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path)
     caption = "a red circle, two green triangles and a white square on the left of a purple circle"
     assert len(tokenizer(caption)["input_ids"]) == len(caption.replace(",", " ,").split()) + 2
+
+
+def test_finetune_prompts_never_contain_an_evaluation_prompt():
+    prompts = finetune_prompts()
+    evaluated = {
+        prompt
+        for category in EVAL_CATEGORIES
+        for split in ("held_out", "seen")
+        for prompt in evaluation_prompts(category, split, EVAL_PROMPTS_PER_CATEGORY, seed=0)
+    }
+    assert len(prompts) == len(set(prompts)) > 400
+    assert not evaluated.intersection(prompts)
+    categories = {parse_prompt(prompt).category for prompt in prompts}
+    assert categories == set(CATEGORIES)
+    # Prompts may name held-out pairings (text only); the evaluation prompts stay unseen.
+    assert any(HELD_OUT_PAIRS.intersection(parse_prompt(prompt).pairs) for prompt in prompts)
+    assert finetune_prompts() == prompts

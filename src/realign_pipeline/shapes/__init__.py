@@ -1,10 +1,12 @@
-"""The shapes world: procedural data, a rule-based judge, and the script that trains a small Stable Diffusion on it."""
+"""The shapes world: procedural data, a rule-based judge and grounder, the script that trains a small Stable
+Diffusion on it, the fine-tuning of its UNet with caption rewards, and the judged evaluation table."""
 
 from .data import (
     ALL_PAIRS,
     CATEGORIES,
     COLOURS,
     EVAL_CATEGORIES,
+    EVAL_PROMPTS_PER_CATEGORY,
     HELD_OUT_PAIRS,
     PALETTE,
     RELATIONS,
@@ -20,14 +22,17 @@ from .data import (
     caption_for,
     evaluation_prompts,
     evaluation_specs,
+    finetune_prompts,
     make_sample,
     parse_prompt,
+    phrase_for,
     relation_holds,
     render_scene,
     sample_scene,
     scene_for_prompt,
     train_samples,
 )
+from .grounder import ShapesGrounder
 from .judge import Detection, Verdict, detect, judge
 
 __all__ = [
@@ -35,6 +40,7 @@ __all__ = [
     "CATEGORIES",
     "COLOURS",
     "EVAL_CATEGORIES",
+    "EVAL_PROMPTS_PER_CATEGORY",
     "HELD_OUT_PAIRS",
     "PALETTE",
     "RELATIONS",
@@ -48,14 +54,17 @@ __all__ = [
     "Sample",
     "Scene",
     "ShapeObject",
+    "ShapesGrounder",
     "Verdict",
     "caption_for",
     "detect",
     "evaluation_prompts",
     "evaluation_specs",
+    "finetune_prompts",
     "judge",
     "make_sample",
     "parse_prompt",
+    "phrase_for",
     "relation_holds",
     "render_scene",
     "sample_scene",

@@ -426,3 +426,31 @@ def evaluation_specs(category: str, split: str = "held_out", n: int = 50, seed: 
 def evaluation_prompts(category: str, split: str = "held_out", n: int = 50, seed: int = 0) -> list[str]:
     """Captions of ``evaluation_specs``: the prompt sets of the evaluation table."""
     return [caption_for(spec) for spec in evaluation_specs(category, split, n, seed)]
+
+
+# The evaluation table's prompt sets are the first ``EVAL_PROMPTS_PER_CATEGORY`` specs of
+# ``evaluation_specs(category, split, seed=0)``; fine-tuning prompts never include them.
+EVAL_PROMPTS_PER_CATEGORY = 96
+
+
+def finetune_prompts(n_per_category: int = 200, seed: int = 0) -> list[str]:
+    """Prompts for caption-reward fine-tuning: every category over all pairings, minus the evaluation prompts.
+
+    As in RealignDiff (T2I-CompBench's training prompts, then its validation prompts), fine-tuning
+    sees text prompts that may name held-out pairings, but never a prompt of the evaluation sets
+    (``evaluation_specs(..., n=EVAL_PROMPTS_PER_CATEGORY, seed=0)`` of both splits). The UNet has
+    still never seen a held-out pairing drawn.
+    """
+    evaluated = {
+        caption_for(spec)
+        for category in EVAL_CATEGORIES
+        for split in ("held_out", "seen")
+        for spec in evaluation_specs(category, split, EVAL_PROMPTS_PER_CATEGORY, seed=0)
+    }
+    prompts: list[str] = []
+    for category in CATEGORIES:
+        candidates = [caption_for(spec) for spec in _candidate_specs(category, ALL_PAIRS, frozenset())]
+        candidates = [prompt for prompt in candidates if prompt not in evaluated]
+        order = np.random.default_rng([seed, 100 + CATEGORIES.index(category)]).permutation(len(candidates))
+        prompts += [candidates[i] for i in order[:n_per_category]]
+    return prompts

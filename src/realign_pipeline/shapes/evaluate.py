@@ -1,0 +1,537 @@
+"""The judged evaluation table: RealignDiff's ablation on the shapes world.
+
+Each row of the table is a configuration: which UNet draws (the base one, or a caption-reward
+fine-tuned one saved as an extra subfolder of the world folder) and whether the fine pass
+re-weights attention, with masks from the coarse pass's attention maps, from a grounder on the
+coarse image (as RealignDiff grounds with Grounding DINO + SAM), or with the true masks of a
+layout that satisfies the prompt (the upper bound on mask quality). Each column is a category
+of held-out (or seen) evaluation prompts, scored by the rule-based judge: accuracy is
+the share of images that pass every check, with a 95% Wilson score interval.
+
+Every configuration draws the same prompts from the same initial noise (the generator of a
+batch is seeded with ``seed + batch_index``), so rows differ only by what they configure.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+import torch
+from tqdm.auto import tqdm
+
+from ..pipeline_realign_diff import Layout, RealignDiffPipeline
+from .data import (
+    EVAL_CATEGORIES,
+    EVAL_PROMPTS_PER_CATEGORY,
+    evaluation_prompts,
+    phrase_for,
+    render_scene,
+    scene_for_prompt,
+)
+from .grounder import ShapesGrounder
+from .judge import Verdict, judge
+
+BASE_UNET = "unet"
+# Fine-tuned UNets live beside the base one in the world folder; ``realign_pipeline.shapes.finetune`` writes them.
+FINETUNED_UNETS: tuple[str, ...] = ("unet-refl", "unet-ranked")
+FINETUNE_COMMAND = "python -m realign_pipeline.shapes.finetune"
+MASK_SOURCES: tuple[str, ...] = ("attention", "grounder", "true")
+SPLITS: tuple[str, ...] = ("held_out", "seen")
+DEFAULT_BATCH_SIZE = 16
+CONTACT_SHEET_COLUMNS = 8
+RESULTS_FILE = "results.json"
+TABLE_FILE = "table.md"
+
+
+@dataclass(frozen=True)
+class EvalConfiguration:
+    """One row of the table: a UNet (a subfolder of the world folder) and how the fine pass gets masks.
+
+    ``masks``: ``"attention"`` (the pipeline's own grounder, masks read from the coarse pass's
+    cross-attention maps), ``"grounder"`` (``ShapesGrounder`` on the coarse image, the world's
+    stand-in for Grounding DINO + SAM, which RealignDiff uses), ``"true"`` (the rendered masks of a
+    layout satisfying the prompt, given as ``regions``, so there is no coarse pass) or ``None``
+    with ``realign=False``.
+    """
+
+    name: str
+    description: str
+    unet_subfolder: str = BASE_UNET
+    realign: bool = False
+    masks: Literal["attention", "grounder", "true"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.realign and self.masks not in MASK_SOURCES:
+            raise ValueError(f"configuration {self.name!r}: masks must be one of {MASK_SOURCES} when realign=True")
+        if not self.realign and self.masks is not None:
+            raise ValueError(f"configuration {self.name!r}: masks={self.masks!r} needs realign=True")
+        if not self.unet_subfolder or Path(self.unet_subfolder).name != self.unet_subfolder:
+            raise ValueError(f"configuration {self.name!r}: unet_subfolder must be a folder name, not a path")
+
+
+def default_configurations(full_unet: str = "unet-refl") -> list[EvalConfiguration]:
+    """The ablation rows, in table order; ``full_unet`` is the fine-tuned UNet of the ``full`` rows."""
+    if full_unet not in FINETUNED_UNETS:
+        raise ValueError(f"full_unet must be one of {FINETUNED_UNETS}, got {full_unet!r}")
+    grounded = "re-weighting with grounded masks (shapes grounder on the coarse image)"
+    return [
+        EvalConfiguration("base", "base UNet, plain Stable Diffusion", BASE_UNET),
+        EvalConfiguration(
+            "reweight-attention", "base UNet, re-weighting with attention-map masks", BASE_UNET, True, "attention"
+        ),
+        EvalConfiguration("reweight-grounded", f"base UNet, {grounded}", BASE_UNET, True, "grounder"),
+        EvalConfiguration(
+            "reweight-true-masks", "base UNet, re-weighting with true masks (upper bound)", BASE_UNET, True, "true"
+        ),
+        EvalConfiguration("refl", "ReFL fine-tuned UNet, plain", "unet-refl"),
+        EvalConfiguration("ranked", "reward-ranked fine-tuned UNet, plain", "unet-ranked"),
+        EvalConfiguration("full", f"{full_unet} + {grounded} (RealignDiff)", full_unet, True, "grounder"),
+        EvalConfiguration(
+            "full-attention", f"{full_unet} + re-weighting with attention-map masks", full_unet, True, "attention"
+        ),
+    ]
+
+
+CONFIGURATION_NAMES: tuple[str, ...] = tuple(configuration.name for configuration in default_configurations())
+
+
+def select_configurations(names: Sequence[str] | None = None, full_unet: str = "unet-refl") -> list[EvalConfiguration]:
+    """The default configurations named in ``names`` (all of them if ``None``), in the order given."""
+    available = {configuration.name: configuration for configuration in default_configurations(full_unet)}
+    names = list(CONFIGURATION_NAMES if names is None else names)
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {unknown}; expected some of {list(CONFIGURATION_NAMES)}")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"configuration(s) named more than once: {duplicates}")
+    if not names:
+        raise ValueError("no configurations selected")
+    return [available[name] for name in names]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (Wilson 1927) for a binomial proportion ``successes / n``.
+
+    Unlike the normal (Wald) interval it stays inside [0, 1] and does not collapse to a point at
+    0 or ``n`` successes, which matters for the small counts of this table.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, {n}], got {successes}")
+    p = successes / n
+    z2 = z * z
+    denominator = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denominator
+    half_width = z / denominator * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    # Clamp away rounding error at the ends (the exact bounds at 0 and n successes are 0 and 1).
+    return max(0.0, center - half_width), min(1.0, center + half_width)
+
+
+def true_mask_regions(prompt: str, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
+    """``regions`` for the pipeline from a rendered layout that satisfies ``prompt``.
+
+    One region per object group, captioned with the group's phrase ("two red circles") and masked
+    by the union of its objects' masks, so a counted group claims all of its objects.
+    """
+    scene = scene_for_prompt(prompt, rng)
+    _, masks = render_scene(scene)
+    regions = []
+    for index, group in enumerate(scene.spec.groups):
+        members = [k for k, obj in enumerate(scene.objects) if obj.group == index]
+        regions.append((phrase_for(group), masks[members].any(axis=0)))
+    return regions
+
+
+def evaluation_prompt_sets(
+    split: str = "held_out", prompts_per_category: int = EVAL_PROMPTS_PER_CATEGORY
+) -> dict[str, list[str]]:
+    """The table's prompts: ``evaluation_prompts(category, split, n, seed=0)`` for each of ``EVAL_CATEGORIES``.
+
+    A category may hold fewer prompts than asked for (there are only so many held-out counts).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if prompts_per_category <= 0:
+        raise ValueError(f"prompts_per_category must be positive, got {prompts_per_category}")
+    return {
+        category: evaluation_prompts(category, split, n=prompts_per_category, seed=0) for category in EVAL_CATEGORIES
+    }
+
+
+def check_world(world: str | Path, configurations: Sequence[EvalConfiguration]) -> None:
+    """Raise ``FileNotFoundError`` naming every UNet subfolder the configurations need but ``world`` lacks."""
+    world = Path(world)
+    if not (world / "model_index.json").is_file():
+        raise FileNotFoundError(f"{world} is not a diffusers pipeline folder (no model_index.json)")
+    needed = list(dict.fromkeys(configuration.unet_subfolder for configuration in configurations))
+    missing = [name for name in needed if not (world / name / "config.json").is_file()]
+    if missing:
+        # Name the rows that need each folder, so the message also says what to leave out instead.
+        details = "; ".join(
+            f"{world / name} (needed by {', '.join(c.name for c in configurations if c.unet_subfolder == name)})"
+            for name in missing
+        )
+        raise FileNotFoundError(
+            f"missing UNet folder(s): {details}. The fine-tuned UNets ({', '.join(FINETUNED_UNETS)}) are made by "
+            f"`{FINETUNE_COMMAND}`; run it first, or leave those configurations out."
+        )
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How every configuration generates: the same prompts, steps, guidance and noise."""
+
+    split: str = "held_out"
+    prompts_per_category: int = EVAL_PROMPTS_PER_CATEGORY
+    num_inference_steps: int = 25
+    guidance_scale: float = 4.0
+    seed: int = 0
+    batch_size: int = DEFAULT_BATCH_SIZE
+    coarse_stop_fraction: float = 0.3
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        for name in ("prompts_per_category", "num_inference_steps", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.coarse_stop_fraction <= 1:
+            raise ValueError(f"coarse_stop_fraction must be in (0, 1], got {self.coarse_stop_fraction}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
+
+
+@dataclass
+class CategoryResult:
+    """Judged images of one category under one configuration.
+
+    Counts, not rates, are stored so that categories pool exactly. ``seconds`` is the wall time of
+    generation alone (the pipeline calls), without the judge or the building of true masks.
+    """
+
+    category: str
+    n: int
+    passed: int
+    objects_present: int
+    binding_correct: int
+    count_correct: int
+    relation_correct: int | None
+    seconds: float
+    records: list[dict] = field(default_factory=list, repr=False)
+
+    @property
+    def accuracy(self) -> float:
+        return self.passed / self.n
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """95% Wilson score interval of ``accuracy``."""
+        return wilson_interval(self.passed, self.n)
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / self.n
+
+    def as_dict(self) -> dict:
+        """JSON-ready: counts, rates, interval, timing and one record per prompt."""
+        low, high = self.interval
+        return {
+            "category": self.category,
+            "n": self.n,
+            "passed": self.passed,
+            "accuracy": self.accuracy,
+            "ci95": [low, high],
+            "objects_present_rate": self.objects_present / self.n,
+            "binding_correct_rate": self.binding_correct / self.n,
+            "count_correct_rate": self.count_correct / self.n,
+            "relation_correct_rate": None if self.relation_correct is None else self.relation_correct / self.n,
+            "generation_seconds": self.seconds,
+            "seconds_per_image": self.seconds_per_image,
+            "records": self.records,
+        }
+
+
+@dataclass
+class ConfigurationResult:
+    """One row: per-category results, pooled totals, and the first images of each category."""
+
+    configuration: EvalConfiguration
+    categories: dict[str, CategoryResult]
+    samples: dict[str, list[tuple[PIL.Image.Image, bool]]] = field(default_factory=dict, repr=False)
+
+    @property
+    def n(self) -> int:
+        return sum(result.n for result in self.categories.values())
+
+    @property
+    def passed(self) -> int:
+        return sum(result.passed for result in self.categories.values())
+
+    @property
+    def accuracy(self) -> float:
+        return self.passed / self.n
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """95% Wilson score interval of the accuracy pooled over categories."""
+        return wilson_interval(self.passed, self.n)
+
+    @property
+    def seconds_per_image(self) -> float:
+        return sum(result.seconds for result in self.categories.values()) / self.n
+
+    def as_dict(self) -> dict:
+        low, high = self.interval
+        return {
+            "configuration": asdict(self.configuration),
+            "categories": {name: result.as_dict() for name, result in self.categories.items()},
+            "all": {
+                "n": self.n,
+                "passed": self.passed,
+                "accuracy": self.accuracy,
+                "ci95": [low, high],
+                "seconds_per_image": self.seconds_per_image,
+            },
+        }
+
+
+def load_pipeline(world: str | Path, unet_subfolder: str = BASE_UNET, device: str = "cpu") -> RealignDiffPipeline:
+    """The world's pipeline with the UNet of ``unet_subfolder``, in float32, progress bars off."""
+    # Always through ``realign_unet`` (also for the base UNet), so every row loads its UNet the same way.
+    pipe = RealignDiffPipeline.from_pretrained(
+        world, realign_unet=world, realign_unet_subfolder=unet_subfolder, dtype=torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _batches(prompt_sets: dict[str, list[str]], batch_size: int) -> list[tuple[int, str, int, list[str]]]:
+    """``(category position, category, index of its first prompt, prompts)`` per batch.
+
+    Batches never mix categories, so each category's generation time is measured on its own.
+    """
+    return [
+        (position, category, start, prompts[start : start + batch_size])
+        for position, (category, prompts) in enumerate(prompt_sets.items())
+        for start in range(0, len(prompts), batch_size)
+    ]
+
+
+def _record(verdict: Verdict, layout: Layout | None) -> dict:
+    """One prompt's verdict; with re-weighting, also the regions used and dropped (e.g. empty attention masks)."""
+    record = {
+        "prompt": verdict.prompt,
+        "passed": verdict.passed,
+        "objects_present": verdict.objects_present,
+        "binding_correct": verdict.binding_correct,
+        "count_correct": verdict.count_correct,
+        "relation_correct": verdict.relation_correct,
+        "reasons": verdict.reasons,
+    }
+    if layout is not None:
+        record["regions"] = [region.caption for region in layout.regions]
+        record["dropped_regions"] = [{"caption": d.caption, "reason": d.reason} for d in layout.dropped]
+    return record
+
+
+def run_configuration(
+    pipe: RealignDiffPipeline,
+    configuration: EvalConfiguration,
+    prompt_sets: dict[str, list[str]],
+    settings: EvalSettings,
+    on_batch: Callable[[], None] | None = None,
+) -> ConfigurationResult:
+    """Generate every prompt with ``configuration`` (``pipe`` must hold its UNet) and judge the images.
+
+    Batch ``b`` (counted over all categories, in order) draws its initial noise from
+    ``torch.Generator().manual_seed(settings.seed + b)``: the same noise for the same prompt in
+    every configuration. ``on_batch`` is called after each batch (for a progress bar).
+    """
+    images_by_category: dict[str, list[PIL.Image.Image]] = {category: [] for category in prompt_sets}
+    layouts_by_category: dict[str, list[Layout | None]] = {category: [] for category in prompt_sets}
+    seconds = dict.fromkeys(prompt_sets, 0.0)
+    batches = _batches(prompt_sets, settings.batch_size)
+    for batch_index, (position, category, start, prompts) in enumerate(batches):
+        regions = None
+        if configuration.masks == "true":
+            # A layout per prompt from its own seeded stream, so a prompt's masks do not depend on batching.
+            regions = [
+                true_mask_regions(prompt, np.random.default_rng([settings.seed, position, start + offset]))
+                for offset, prompt in enumerate(prompts)
+            ]
+        started = time.perf_counter()
+        output = pipe(
+            prompts,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=torch.Generator().manual_seed(settings.seed + batch_index),
+            realign=configuration.realign,
+            regions=regions,
+            grounder=ShapesGrounder() if configuration.masks == "grounder" else None,
+            coarse_stop_fraction=settings.coarse_stop_fraction,
+        )
+        seconds[category] += time.perf_counter() - started
+        images_by_category[category].extend(output.images)
+        layouts_by_category[category].extend(output.layouts or [None] * len(prompts))
+        if on_batch is not None:
+            on_batch()
+
+    categories: dict[str, CategoryResult] = {}
+    samples: dict[str, list[tuple[PIL.Image.Image, bool]]] = {}
+    for category, prompts in prompt_sets.items():
+        verdicts = [judge(image, prompt) for image, prompt in zip(images_by_category[category], prompts)]
+        has_relation = any(verdict.relation_correct is not None for verdict in verdicts)
+        categories[category] = CategoryResult(
+            category=category,
+            n=len(verdicts),
+            passed=sum(v.passed for v in verdicts),
+            objects_present=sum(v.objects_present for v in verdicts),
+            binding_correct=sum(v.binding_correct for v in verdicts),
+            count_correct=sum(v.count_correct for v in verdicts),
+            relation_correct=sum(bool(v.relation_correct) for v in verdicts) if has_relation else None,
+            seconds=seconds[category],
+            records=[_record(verdict, layout) for verdict, layout in zip(verdicts, layouts_by_category[category])],
+        )
+        samples[category] = [
+            (image, verdict.passed)
+            for image, verdict in zip(images_by_category[category][:CONTACT_SHEET_COLUMNS], verdicts)
+        ]
+    return ConfigurationResult(configuration, categories, samples)
+
+
+def run_evaluation(
+    world: str | Path,
+    configurations: Sequence[EvalConfiguration],
+    settings: EvalSettings | None = None,
+    progress: bool = True,
+) -> list[ConfigurationResult]:
+    """Run every configuration on the split's prompts; results come back in the order of ``configurations``.
+
+    The world folder is checked first, so a missing fine-tuned UNet fails before anything is
+    generated. Each distinct UNet subfolder is loaded once and serves all rows that use it.
+    """
+    settings = settings or EvalSettings()
+    check_world(world, configurations)
+    prompt_sets = evaluation_prompt_sets(settings.split, settings.prompts_per_category)
+    batches_per_configuration = len(_batches(prompt_sets, settings.batch_size))
+    results: dict[str, ConfigurationResult] = {}
+    with tqdm(
+        total=batches_per_configuration * len(configurations), desc="realign eval", unit="batch", disable=not progress
+    ) as bar:
+        for unet_subfolder in dict.fromkeys(configuration.unet_subfolder for configuration in configurations):
+            pipe = load_pipeline(world, unet_subfolder, settings.device)
+            for configuration in configurations:
+                if configuration.unet_subfolder == unet_subfolder:
+                    bar.set_postfix_str(configuration.name)
+                    results[configuration.name] = run_configuration(
+                        pipe, configuration, prompt_sets, settings, on_batch=lambda: bar.update(1)
+                    )
+            del pipe  # the next UNet's pipeline replaces it rather than sitting beside it
+    return [results[configuration.name] for configuration in configurations]
+
+
+def _percent_with_interval(accuracy: float, interval: tuple[float, float]) -> str:
+    return f"{100 * accuracy:.1f} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+def format_table(results: Sequence[ConfigurationResult]) -> str:
+    """Markdown table: one row per configuration; accuracy (%) with its 95% Wilson interval per
+    category and pooled over categories ("all"), then generation seconds per image."""
+    if not results:
+        raise ValueError("no results to format")
+    categories = list(results[0].categories)
+    header = (
+        ["configuration", "UNet", "re-weighting"]
+        + [f"{category} (n={results[0].categories[category].n})" for category in categories]
+        + [f"all (n={results[0].n})", "s/image"]
+    )
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result in results:
+        configuration = result.configuration
+        reweighting = f"{configuration.masks} masks" if configuration.realign else "off"
+        cells = [configuration.name, configuration.unet_subfolder, reweighting]
+        cells += [
+            _percent_with_interval(result.categories[c].accuracy, result.categories[c].interval) for c in categories
+        ]
+        cells += [_percent_with_interval(result.accuracy, result.interval), f"{result.seconds_per_image:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def contact_sheet(result: ConfigurationResult, border: int = 2) -> PIL.Image.Image:
+    """The first images of each category, one row per category; a green frame passed the judge, a red one failed."""
+    rows = [(category, samples) for category, samples in result.samples.items() if samples]
+    tile = max((image.width for _, samples in rows for image, _ in samples), default=64) + 2 * border
+    label_width = 64
+    sheet = PIL.Image.new("RGB", (label_width + tile * CONTACT_SHEET_COLUMNS, 14 + tile * max(len(rows), 1)), "white")
+    draw = PIL.ImageDraw.Draw(sheet)
+    font = PIL.ImageFont.load_default()
+    title = f"{result.configuration.name}: {result.configuration.description}; green = passed"
+    draw.text((4, 2), title, fill="black", font=font)
+    for row, (category, samples) in enumerate(rows):
+        top = 14 + row * tile
+        draw.text((4, top + tile // 2 - 6), category, fill="black", font=font)
+        for column, (image, passed) in enumerate(samples):
+            left = label_width + column * tile
+            draw.rectangle(
+                (left, top, left + tile - 1, top + tile - 1), fill=(40, 170, 60) if passed else (200, 40, 40)
+            )
+            sheet.paste(image.convert("RGB"), (left + border, top + border))
+    return sheet
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("realign-pipeline", "torch", "diffusers", "transformers", "numpy", "pillow"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def write_report(
+    results: Sequence[ConfigurationResult], settings: EvalSettings, world: str | Path, output: str | Path
+) -> dict[str, Path]:
+    """Write ``results.json`` (settings, versions, prompt counts, results, table), ``table.md`` and one
+    contact sheet PNG per configuration to ``output``; returns the paths written, by name."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    table = format_table(results)
+    paths: dict[str, Path] = {"json": output / RESULTS_FILE, "table": output / TABLE_FILE}
+    for result in results:
+        name = result.configuration.name
+        paths[f"contact sheet {name}"] = output / f"contact-sheet-{name}.png"
+        contact_sheet(result).save(paths[f"contact sheet {name}"])
+    report = {
+        "world": str(Path(world).resolve()),
+        "settings": asdict(settings),
+        "judge": "realign_pipeline.shapes.judge (rule-based)",
+        "interval": "95% Wilson score interval",
+        "timing": "seconds_per_image is the wall time of the pipeline calls only (not the judge, not building true "
+        f"masks), with {torch.get_num_threads()} torch thread(s) on {settings.device}",
+        "torch_threads": torch.get_num_threads(),
+        "versions": _versions(),
+        "prompts": {name: result.n for name, result in results[0].categories.items()} if results else {},
+        "prompts_total": results[0].n if results else 0,
+        "results": [result.as_dict() for result in results],
+        "table": table,
+    }
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["table"].write_text(table + "\n")
+    return paths

@@ -1,0 +1,256 @@
+"""The evaluation table: Wilson intervals, true-mask regions, table formatting, and ``realign eval`` end to end."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from realign_pipeline.cli import BUILTIN_WORLD, main
+from realign_pipeline.shapes.data import (
+    EVAL_CATEGORIES,
+    PALETTE,
+    parse_prompt,
+    phrase_for,
+    relation_holds,
+    render_scene,
+    scene_for_prompt,
+)
+from realign_pipeline.shapes.evaluate import (
+    CONFIGURATION_NAMES,
+    FINETUNE_COMMAND,
+    CategoryResult,
+    ConfigurationResult,
+    EvalConfiguration,
+    check_world,
+    format_table,
+    run_evaluation,
+    select_configurations,
+    true_mask_regions,
+    wilson_interval,
+)
+
+Z = 1.96
+# The pipeline's parts; the captioner, samples and model card are not needed to generate.
+WORLD_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
+
+
+def copy_world(destination: Path, extra_unets: tuple[str, ...] = ()) -> Path:
+    """The built-in world's pipeline parts, with its base UNet copied to each of ``extra_unets``."""
+    destination.mkdir(parents=True)
+    for part in WORLD_PARTS:
+        source = BUILTIN_WORLD / part
+        if source.is_dir():
+            shutil.copytree(source, destination / part)
+        else:
+            shutil.copyfile(source, destination / part)
+    for name in extra_unets:
+        shutil.copytree(BUILTIN_WORLD / "unet", destination / name)
+    return destination
+
+
+def wilson_closed_form(successes: int, n: int) -> tuple[float, float]:
+    """The Wilson bounds as the roots of the quadratic (Wilson 1927), written apart from the module's form."""
+    p = successes / n
+    root = Z * math.sqrt(Z * Z + 4 * n * p * (1 - p))
+    return (2 * n * p + Z * Z - root) / (2 * (n + Z * Z)), (2 * n * p + Z * Z + root) / (2 * (n + Z * Z))
+
+
+@pytest.mark.parametrize("successes, n", [(0, 10), (10, 10), (5, 10), (1, 3), (42, 96)])
+def test_wilson_interval_matches_the_closed_form(successes, n):
+    low, high = wilson_interval(successes, n)
+    expected_low, expected_high = wilson_closed_form(successes, n)
+    assert low == pytest.approx(max(0.0, expected_low), abs=1e-12)
+    assert high == pytest.approx(min(1.0, expected_high), abs=1e-12)
+
+
+def test_wilson_interval_known_values():
+    # At the ends the bounds are z²/(n+z²) and n/(n+z²); 5/10 is symmetric about 0.5.
+    assert wilson_interval(0, 10) == pytest.approx((0.0, Z * Z / (10 + Z * Z)))
+    assert wilson_interval(10, 10) == pytest.approx((10 / (10 + Z * Z), 1.0))
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=5e-5)
+    # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (score interval, no correction).
+    published = {
+        (81, 263): (0.2553, 0.3662),
+        (15, 148): (0.0624, 0.1605),
+        (0, 20): (0.0, 0.1611),
+        (1, 29): (0.0061, 0.1718),
+    }
+    for (successes, n), bounds in published.items():
+        assert wilson_interval(successes, n) == pytest.approx(bounds, abs=5e-5)
+
+
+def test_wilson_interval_rejects_impossible_counts():
+    with pytest.raises(ValueError, match="n must be positive"):
+        wilson_interval(0, 0)
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(11, 10)
+
+
+def test_true_mask_regions_union_each_groups_objects():
+    prompt = "two red circles and a blue square"
+    regions = true_mask_regions(prompt, np.random.default_rng(3))
+    # The same seed gives the same layout: the reference to compare against.
+    scene = scene_for_prompt(prompt, np.random.default_rng(3))
+    image, masks = render_scene(scene)
+    assert [caption for caption, _ in regions] == ["two red circles", "a blue square"]
+    red = [k for k, obj in enumerate(scene.objects) if obj.group == 0]
+    assert len(red) == 2
+    np.testing.assert_array_equal(regions[0][1], masks[red[0]] | masks[red[1]])
+    np.testing.assert_array_equal(regions[1][1], masks[[k for k in range(len(masks)) if k not in red][0]])
+    # The masks cover the right objects: their pixels are drawn in the group's colour, and they do not overlap.
+    pixels = np.asarray(image, dtype=np.float32)
+    for (_, mask), colour in zip(regions, ("red", "blue")):
+        assert np.abs(pixels[mask].mean(0) - PALETTE[colour]).max() < 20
+    assert not (regions[0][1] & regions[1][1]).any()
+
+
+def test_true_mask_regions_satisfy_the_relation():
+    regions = true_mask_regions("a green square on the left of a yellow circle", np.random.default_rng(0))
+    centers = [np.argwhere(mask).mean(0)[::-1] for _, mask in regions]  # (x, y)
+    assert [caption for caption, _ in regions] == ["a green square", "a yellow circle"]
+    assert relation_holds(centers[0], "on the left of", centers[1])
+
+
+def test_configurations_default_order_and_selection():
+    assert CONFIGURATION_NAMES == (
+        "base",
+        "reweight-attention",
+        "reweight-grounded",
+        "reweight-true-masks",
+        "refl",
+        "ranked",
+        "full",
+        "full-attention",
+    )
+    full = select_configurations(["full", "base"], full_unet="unet-ranked")
+    assert [c.name for c in full] == ["full", "base"]
+    assert (full[0].unet_subfolder, full[0].realign, full[0].masks) == ("unet-ranked", True, "grounder")
+    with pytest.raises(ValueError, match="unknown configuration"):
+        select_configurations(["base", "nope"])
+    with pytest.raises(ValueError, match="more than once"):
+        select_configurations(["base", "base"])
+    with pytest.raises(ValueError, match="full_unet"):
+        select_configurations(["full"], full_unet="unet")
+    with pytest.raises(ValueError, match="masks"):
+        EvalConfiguration("x", "re-weighting without masks", realign=True)
+
+
+def category(name: str, n: int, passed: int, seconds: float) -> CategoryResult:
+    return CategoryResult(name, n, passed, n, passed, passed, None, seconds)
+
+
+def test_format_table_rows_columns_and_pooled_accuracy():
+    base, full = select_configurations(["base", "full"])
+    results = [
+        ConfigurationResult(
+            base, {"binding": category("binding", 96, 42, 9.6), "count": category("count", 76, 0, 7.6)}
+        ),
+        ConfigurationResult(
+            full, {"binding": category("binding", 96, 96, 19.2), "count": category("count", 76, 38, 15.2)}
+        ),
+    ]
+    lines = format_table(results).splitlines()
+    assert (
+        lines[0] == "| configuration | UNet | re-weighting | binding (n=96) | count (n=76) | all (n=172) | s/image |"
+    )
+    assert lines[1] == "|---|---|---|---|---|---|---|"
+    cells = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert cells[:4] == ["base", "unet", "off", "43.8 [34.3, 53.7]"]
+    low, high = wilson_interval(42, 172)
+    assert cells[5] == f"{100 * 42 / 172:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+    assert cells[6] == "0.100"
+    cells = [cell.strip() for cell in lines[3].strip("|").split("|")]
+    assert cells[:3] == ["full", "unet-refl", "grounder masks"]
+    assert cells[3].startswith("100.0 [") and cells[3].endswith(", 100.0]")
+    assert cells[4] == "50.0 [39.0, 61.0]" and cells[6] == "0.200"
+    assert len(lines) == 4
+
+
+def eval_args(world: Path, output: Path) -> list[str]:
+    return ["eval", "--world", str(world), "--output", str(output), "--prompts-per-category", "2", "--steps", "3"]
+
+
+def test_realign_eval_end_to_end(tmp_path, capsys):
+    world = copy_world(tmp_path / "world", extra_unets=("unet-refl",))
+    output = tmp_path / "eval"
+    configurations = ["base", "reweight-attention", "reweight-grounded", "reweight-true-masks", "refl"]
+    main([*eval_args(world, output), "--configurations", *configurations])
+
+    printed = capsys.readouterr().out
+    assert (
+        "| configuration | UNet | re-weighting | binding (n=2) | relation (n=2) | count (n=2) | all (n=6)" in printed
+    )
+    assert str(output / "results.json") in printed
+    report = json.loads((output / "results.json").read_text())
+    assert report["settings"]["num_inference_steps"] == 3 and report["settings"]["split"] == "held_out"
+    assert report["prompts"] == dict.fromkeys(EVAL_CATEGORIES, 2) and report["prompts_total"] == 6
+    assert {"torch", "diffusers", "realign-pipeline"} <= set(report["versions"])
+    assert [r["configuration"]["name"] for r in report["results"]] == configurations
+    for result in report["results"]:
+        assert list(result["categories"]) == list(EVAL_CATEGORIES)
+        for name, row in [*result["categories"].items(), ("all", result["all"])]:
+            assert row["n"] == (6 if name == "all" else 2)
+            assert 0.0 <= row["accuracy"] <= 1.0 and row["accuracy"] == row["passed"] / row["n"]
+            low, high = row["ci95"]
+            assert 0.0 <= low <= row["accuracy"] <= high <= 1.0
+            assert row["seconds_per_image"] > 0
+        for name, row in result["categories"].items():
+            assert len(row["records"]) == 2
+            for rate in ("objects_present_rate", "binding_correct_rate", "count_correct_rate"):
+                assert 0.0 <= row[rate] <= 1.0
+            assert (row["relation_correct_rate"] is None) == (name != "relation")
+    # refl's UNet is a copy of the base one: the same noise per prompt must give the same images and verdicts.
+    by_name = {r["configuration"]["name"]: r for r in report["results"]}
+    for name in EVAL_CATEGORIES:
+        assert by_name["refl"]["categories"][name]["records"] == by_name["base"]["categories"][name]["records"]
+    # True masks give one region per object group, captioned with the group's phrase; plain rows have no layout.
+    for record in by_name["reweight-true-masks"]["categories"]["count"]["records"]:
+        assert record["regions"] == [phrase_for(group) for group in parse_prompt(record["prompt"]).groups]
+    assert all("regions" in r for r in by_name["reweight-attention"]["categories"]["binding"]["records"])
+    assert all("regions" not in r for r in by_name["base"]["categories"]["binding"]["records"])
+    assert (output / "table.md").read_text().strip() == report["table"]
+    for name in configurations:
+        sheet = PIL.Image.open(output / f"contact-sheet-{name}.png")
+        assert sheet.height > 3 * 64  # one row of images per category
+
+
+def test_missing_finetuned_unet_fails_before_generating(tmp_path):
+    world = copy_world(tmp_path / "world")
+    output = tmp_path / "eval"
+    with pytest.raises(SystemExit, match="unet-refl") as raised:
+        main([*eval_args(world, output), "--configurations", "base", "refl"])
+    assert FINETUNE_COMMAND in str(raised.value.code)
+    assert not output.exists()
+    with pytest.raises(FileNotFoundError, match="unet-ranked.*needed by full"):
+        run_evaluation(world, select_configurations(["base", "full"], full_unet="unet-ranked"))
+    check_world(world, select_configurations(["base", "reweight-true-masks"]))  # the base UNet is there
+
+
+@pytest.mark.parametrize(
+    "arguments, named",
+    [
+        (["--prompts-per-category", "0"], "--prompts-per-category"),
+        (["--steps", "-1"], "--steps"),
+        (["--configurations", "base", "nope"], "--configurations"),
+        (["--split", "train"], "--split"),
+        (["--full-unet", "unet"], "--full-unet"),
+        (["--guidance-scale", "nan"], "--guidance-scale"),
+        (["--threads", "0"], "--threads"),
+    ],
+)
+def test_bad_arguments_are_named(tmp_path, capsys, arguments, named):
+    with pytest.raises(SystemExit):
+        main(["eval", "--output", str(tmp_path / "eval"), *arguments])
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_world_without_a_pipeline_and_repeated_configurations_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--world"):
+        main(["eval", "--world", str(tmp_path), "--output", str(tmp_path / "eval")])
+    with pytest.raises(SystemExit, match="--configurations.*more than once"):
+        main(["eval", "--configurations", "base", "base", "--output", str(tmp_path / "eval")])
