@@ -317,6 +317,7 @@ def run_eval(args: argparse.Namespace) -> None:
     from .shapes.evaluate import (
         EvalSettings,
         check_world,
+        format_criteria_table,
         format_table,
         run_evaluation,
         select_configurations,
@@ -351,9 +352,11 @@ def run_eval(args: argparse.Namespace) -> None:
     paths = write_report(results, settings, args.world, args.output)
     print(format_table(results))
     print(
-        f"\naccuracy in %, 95% Wilson interval in brackets; s/image is generation wall time only "
-        f"({settings.split} prompts, {settings.num_inference_steps} steps, guidance {settings.guidance_scale})"
+        f"\naccuracy in % (every check passed), 95% Wilson interval in brackets; s/image is generation wall time "
+        f"only ({settings.split} prompts, {settings.num_inference_steps} steps, guidance {settings.guidance_scale})\n"
     )
+    print(format_criteria_table(results))
+    print("\neach category's own check alone, in % with its 95% Wilson interval\n")
     print(f"wrote {paths['json']}, {paths['table']} and contact sheets {args.output}/contact-sheet-*.png")
 
 

@@ -26,6 +26,7 @@ from realign_pipeline.shapes.evaluate import (
     ConfigurationResult,
     EvalConfiguration,
     check_world,
+    format_criteria_table,
     format_table,
     run_evaluation,
     select_configurations,
@@ -168,6 +169,16 @@ def test_format_table_rows_columns_and_pooled_accuracy():
     assert cells[3].startswith("100.0 [") and cells[3].endswith(", 100.0]")
     assert cells[4] == "50.0 [39.0, 61.0]" and cells[6] == "0.200"
     assert len(lines) == 4
+
+
+def test_criteria_table_scores_each_category_by_its_own_check():
+    base = select_configurations(["base"])[0]
+    binding = CategoryResult("binding", 10, 1, 10, 7, 1, None, 1.0)
+    count = CategoryResult("count", 20, 0, 20, 3, 5, None, 1.0)
+    lines = format_criteria_table([ConfigurationResult(base, {"binding": binding, "count": count})]).splitlines()
+    assert lines[0] == "| configuration | binding: binding correct (n=10) | count: count correct (n=20) |"
+    low, high = wilson_interval(7, 10)
+    assert lines[2] == f"| base | 70.0 [{100 * low:.1f}, {100 * high:.1f}] | 25.0 [" + lines[2].split("25.0 [")[1]
 
 
 def eval_args(world: Path, output: Path) -> list[str]:

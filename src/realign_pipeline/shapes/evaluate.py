@@ -473,6 +473,41 @@ def format_table(results: Sequence[ConfigurationResult]) -> str:
     return "\n".join(lines)
 
 
+# The one check each category is about, for the second table: T2I-CompBench scores these alone.
+CATEGORY_CRITERIA: dict[str, str] = {
+    "binding": "binding_correct",
+    "relation": "relation_correct",
+    "count": "count_correct",
+}
+
+
+def format_criteria_table(results: Sequence[ConfigurationResult]) -> str:
+    """Markdown table of each category's own check alone (``CATEGORY_CRITERIA``), with 95% Wilson intervals.
+
+    "passed" needs every check at once (objects, binding, exact counts with nothing extra, relation);
+    this table shows which check a configuration moves: colours on the right shapes for binding
+    prompts, the relation for relation prompts, exact counts for count prompts.
+    """
+    if not results:
+        raise ValueError("no results to format")
+    categories = [c for c in results[0].categories if c in CATEGORY_CRITERIA]
+    header = ["configuration"] + [
+        f"{category}: {CATEGORY_CRITERIA[category].replace('_', ' ')} (n={results[0].categories[category].n})"
+        for category in categories
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result in results:
+        cells = [result.configuration.name]
+        for category in categories:
+            category_result = result.categories[category]
+            successes = getattr(category_result, CATEGORY_CRITERIA[category]) or 0
+            cells.append(
+                _percent_with_interval(successes / category_result.n, wilson_interval(successes, category_result.n))
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def contact_sheet(result: ConfigurationResult, border: int = 2) -> PIL.Image.Image:
     """The first images of each category, one row per category; a green frame passed the judge, a red one failed."""
     rows = [(category, samples) for category, samples in result.samples.items() if samples]
@@ -512,7 +547,7 @@ def write_report(
     contact sheet PNG per configuration to ``output``; returns the paths written, by name."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    table = format_table(results)
+    table = format_table(results) + "\n\n" + format_criteria_table(results)
     paths: dict[str, Path] = {"json": output / RESULTS_FILE, "table": output / TABLE_FILE}
     for result in results:
         name = result.configuration.name
