@@ -637,6 +637,18 @@ def test_repeated_words_go_to_the_nearest_occurrence(pipe):
     assert [r.token_indices for r in layout.regions] == [[2, 3], [6, 7]]
 
 
+def test_a_repeated_noun_goes_to_the_phrase_whose_modifiers_precede_it(pipe):
+    # "blue" is one content word from either "cube": the tie goes to the cube that follows it.
+    layout = pipe.build_layout(
+        "a red cube and a blue cube",
+        ["a red cube", "a blue cube"],
+        [torch.ones(4, 4, dtype=torch.bool)] * 2,
+        ["user"] * 2,
+        strict=True,
+    )
+    assert [r.token_indices for r in layout.regions] == [[2, 3], [6, 7]]
+
+
 def test_swap_replaces_only_region_tokens(pipe):
     layout = pipe.build_layout(PROMPT, ["a yellow vase"], [torch.ones(4, 4, dtype=torch.bool)], ["user"], strict=True)
     embeds = torch.randn(1, 77, 32)

@@ -131,18 +131,22 @@ def place_caption(
         # No head noun in the prompt: anchor each word on its own first occurrence.
         anchors = [0]
     best: list[tuple[PromptWord, PromptWord]] | None = None
-    best_cost = math.inf
+    best_cost: tuple[float, int] = (math.inf, 0)
     for anchor in anchors:
         matched: list[tuple[PromptWord, PromptWord]] = []
-        cost = 0
+        distance, modifiers_after_noun = 0, 0
         for word in wanted:
             candidates = occurrences[word.text]
             if not candidates:
                 continue
             # Prefer the occurrence before the anchor on ties: modifiers precede the noun.
             index = min(candidates, key=lambda c: (abs(c - anchor), c > anchor))
-            cost += abs(index - anchor)
+            distance += abs(index - anchor)
+            modifiers_after_noun += index > anchor
             matched.append((word, prompt_content[index]))
+        # Equal distances ("a blue circle" in "a red circle and a blue circle": "blue" is one word from
+        # either "circle") go to the anchor whose modifiers come before it, as English puts them.
+        cost = (distance, modifiers_after_noun)
         if cost < best_cost:
             best, best_cost = matched, cost
     prompt_positions: list[int] = []

@@ -63,7 +63,7 @@ BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 @dataclass
 class WorldConfig:
-    """Everything that decides the trained world. Defaults take about 70 min on an idle 2-core CPU."""
+    """Everything that decides the trained world. Defaults took about 80 min on a shared 2-core CPU."""
 
     output_dir: str = "outputs/shapes-world"
     work_dir: str | None = None  # checkpoints and caches; default "<output_dir>-work"
@@ -89,9 +89,9 @@ class WorldConfig:
     text_layers: int = 3
     unet_channels: tuple[int, ...] = (32, 64, 128)
     unet_heads: tuple[int, ...] = (2, 4, 8)
-    unet_steps: int = 6000
+    unet_steps: int = 4000
     unet_batch_size: int = 64
-    unet_lr: float = 6e-4
+    unet_lr: float = 1e-3
     warmup_steps: int = 200
     min_lr_ratio: float = 0.1
     ema_decay: float = 0.999
@@ -104,7 +104,7 @@ class WorldConfig:
     # captioner
     captioner_hidden_size: int = 96
     captioner_layers: int = 3
-    captioner_steps: int = 4000
+    captioner_steps: int = 2000
     captioner_batch_size: int = 64
     captioner_lr: float = 5e-4
     captioner_max_length: int = 24

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -175,7 +176,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, separator, value = text.partition("=")
     if not separator:
         raise ValueError(f"Override {text!r} is not of the form key=value.")
-    return key.strip(), yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if (
+        isinstance(parsed, str)
+        and parsed == value.strip()
+        and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", parsed)
+    ):
+        parsed = float(parsed)  # YAML 1.1 (PyYAML) reads 1e-4 as a string; it needs a dot (1.0e-4)
+    return key.strip(), parsed
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
