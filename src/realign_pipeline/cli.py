@@ -329,8 +329,6 @@ def run_eval(args: argparse.Namespace) -> None:
         configurations = select_configurations(args.configurations, full_unet=args.full_unet)
     except ValueError as error:
         raise SystemExit(f"error: --configurations: {error}") from None
-    if not (args.world / "model_index.json").is_file():
-        raise SystemExit(f"error: --world: {args.world} is not a diffusers pipeline folder (no model_index.json)")
     try:
         check_world(args.world, configurations)
     except FileNotFoundError as error:

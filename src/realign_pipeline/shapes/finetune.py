@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from diffusers import UNet2DConditionModel
 
 from ..hub import save_unet
 from ..training.checkpoint import latest_checkpoint
-from ..training.config import TrainConfig, parse_override
+from ..training.config import TrainConfig, parse_override, unknown_keys
 from ..training.data import write_captioned_images
 from ..training.outputs import TrainResult
 from ..training.run import train
@@ -125,8 +125,7 @@ def concept_matching_reward(world: str | Path) -> list[dict[str, Any]]:
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["key=value", ...]`` (values read as YAML) to a dict; unknown TrainConfig keys are an error."""
     overrides = dict(parse_override(item) for item in items)
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(overrides) - known)
+    unknown = unknown_keys(overrides)
     if unknown:
         raise ValueError(f"Unknown TrainConfig keys in --set: {unknown}.")
     return overrides

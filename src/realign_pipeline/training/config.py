@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -196,11 +197,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         data.update(overrides)
     else:
         data.update(dict(parse_override(item) for item in overrides or []))
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = unknown_keys(data)
     if unknown:
-        raise ValueError(f"Unknown config keys {unknown}. Known keys: {sorted(known)}.")
+        raise ValueError(f"Unknown config keys {unknown}. Known keys: {sorted(f.name for f in fields(TrainConfig))}.")
     return TrainConfig(**data)
+
+
+def unknown_keys(options: Mapping[str, Any]) -> list[str]:
+    """The keys of ``options`` that are not ``TrainConfig`` fields, sorted (a typo must not pass silently)."""
+    return sorted(set(options) - {f.name for f in fields(TrainConfig)})
 
 
 def config_replace(config: TrainConfig, **changes: Any) -> TrainConfig:
