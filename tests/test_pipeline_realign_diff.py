@@ -32,6 +32,7 @@ from realign_pipeline.pipeline_realign_diff import (
     masks_from_attention_maps,
     partition_masks,
 )
+from realign_pipeline.prompts import t2i_compbench_prompts
 
 PROMPT = "a red book and a yellow vase"
 STEPS = 4
@@ -493,18 +494,13 @@ def test_phrase_captioner_splits_t2i_compbench_styles(prompt, phrases):
     assert PromptPhraseCaptioner().phrases(prompt) == phrases
 
 
-def t2i_compbench_prompts(name):
-    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "t2i-compbench"
-    return [line for line in (data / f"{name}.txt").read_text().splitlines() if line.strip()]
-
-
 def test_phrase_captioner_on_t2i_compbench():
     """The yardstick: every "a X and a Y" prompt splits into its two halves, every spatial prompt
     into its two objects, and no phrase anywhere holds a word the prompt lacks."""
     captioner = PromptPhraseCaptioner()
     two_objects = spatial = 0
-    for name in ("color_val", "shape_val", "texture_val", "spatial_val", "complex_val", "non_spatial_val"):
-        for prompt in t2i_compbench_prompts(name):
+    for name in ("color", "shape", "texture", "spatial", "complex", "non_spatial"):
+        for prompt in t2i_compbench_prompts(name, "val"):
             phrases = captioner.phrases(prompt)
             assert phrases, prompt
             prompt_words = set(re.findall(r"[\w'-]+", prompt))
@@ -513,7 +509,7 @@ def test_phrase_captioner_on_t2i_compbench():
                 first, second = prompt.split(" and ", 1)
                 assert phrases == [first, second]
                 two_objects += 1
-            if name == "spatial_val":
+            if name == "spatial":
                 assert len(phrases) == 2, (prompt, phrases)
                 spatial += 1
     assert two_objects > 600 and spatial > 250

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from realign_pipeline.prompts import t2i_compbench_prompts
+
 TOY_REWARDS = Path(__file__).with_name("toy_rewards.py")
-COMPBENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "t2i-compbench" / "color_train.txt"
-FALLBACK_PROMPTS = ["a red book", "a blue car", "a green apple", "a yellow vase", "a black cat", "a white dog"]
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +15,7 @@ def toy_model(toy_pipeline_folder):
 
 @pytest.fixture(scope="session")
 def prompt_file(tmp_path_factory):
-    prompts = COMPBENCH.read_text().splitlines()[:8] if COMPBENCH.is_file() else FALLBACK_PROMPTS
+    prompts = t2i_compbench_prompts("color", "train")[:8]
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_text("\n".join(prompts) + "\n")
     return path
