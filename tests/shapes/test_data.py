@@ -119,8 +119,62 @@ def test_finetune_prompts_never_contain_an_evaluation_prompt():
     }
     assert len(prompts) == len(set(prompts)) > 400
     assert not evaluated.intersection(prompts)
+    development = {
+        prompt
+        for category in CATEGORIES
+        for split in data.DEVELOPMENT_SPLITS
+        for prompt in evaluation_prompts(category, split, 100)
+    }
+    assert not development.intersection(prompts)  # the development prompts validate fine-tuning: never trained on
     categories = {parse_prompt(prompt).category for prompt in prompts}
     assert categories == set(CATEGORIES)
     # Prompts may name held-out pairings (text only); the evaluation prompts stay unseen.
     assert any(HELD_OUT_PAIRS.intersection(parse_prompt(prompt).pairs) for prompt in prompts)
     assert finetune_prompts() == prompts
+
+
+def evaluation_set() -> set[str]:
+    return {
+        prompt
+        for category in EVAL_CATEGORIES
+        for split in data.EVALUATION_SPLITS
+        for prompt in evaluation_prompts(category, split, EVAL_PROMPTS_PER_CATEGORY, seed=0)
+    }
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_development_split_is_disjoint_from_the_evaluation_split(category):
+    evaluated = evaluation_set()
+    held_out = evaluation_specs(category, "development", n=100)
+    seen = evaluation_specs(category, "development_seen", n=100)
+    expected = {"single": (2, 12)}.get(category, (16, 16))  # a small category keeps 2 per split for fine-tuning
+    assert (len(held_out), len(seen)) == expected
+    assert all(spec.category == category for spec in held_out + seen)
+    assert all(HELD_OUT_PAIRS.intersection(spec.pairs) for spec in held_out)
+    assert not any(HELD_OUT_PAIRS.intersection(spec.pairs) for spec in seen)
+    captions = [caption_for(spec) for spec in held_out + seen]
+    assert len(set(captions)) == len(captions) and not evaluated.intersection(captions)
+    # The set is fixed: another seed only reorders it, so no seed reaches an evaluation prompt.
+    for seed in (1, 5):
+        assert sorted(evaluation_prompts(category, "development", 100, seed)) == sorted(captions[: len(held_out)])
+
+
+def test_development_prompts_mix_held_out_and_seen_pairings():
+    prompts = data.development_prompts(12)
+    assert len(prompts) == len(set(prompts)) == 12 * len(CATEGORIES)
+    by_category = {category: [p for p in prompts if parse_prompt(p).category == category] for category in CATEGORIES}
+    assert all(len(group) == 12 for group in by_category.values())
+    naming_held_out = {
+        c: sum(bool(HELD_OUT_PAIRS.intersection(parse_prompt(p).pairs)) for p in g) for c, g in by_category.items()
+    }
+    assert naming_held_out == {"single": 2, "binding": 6, "relation": 6, "count": 6}
+    assert not evaluation_set().intersection(prompts)
+    with pytest.raises(ValueError, match="n_per_category"):
+        data.development_prompts(0)
+    with pytest.raises(ValueError, match="'single'"):
+        data.development_prompts(15)
+
+
+def test_unknown_split_is_named():
+    with pytest.raises(ValueError, match="unknown split 'train'"):
+        evaluation_specs("binding", "train")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from realign_pipeline import RealignDiffPipeline
 from realign_pipeline.shapes import finetune as ft
-from realign_pipeline.shapes.data import HELD_OUT_PAIRS, evaluation_prompts, parse_prompt
+from realign_pipeline.shapes.data import HELD_OUT_PAIRS, development_prompts, evaluation_prompts, parse_prompt
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -91,6 +91,9 @@ def test_refl_data_keeps_evaluation_prompts_and_held_out_pairs_out(world, tmp_pa
         p for c in ("binding", "relation", "count") for s in ("seen", "held_out") for p in evaluation_prompts(c, s, 96)
     }
     assert not evaluated & (set(training) | set(validation))
+    # Validation is the development split (never an evaluation prompt), in a fixed order, each prompt twice in a row.
+    assert validation[:: ft.VALIDATION_SEEDS] == development_prompts(ft.VALIDATION_PER_CATEGORY)
+    assert validation[1 :: ft.VALIDATION_SEEDS] == validation[:: ft.VALIDATION_SEEDS]
 
     records = [json.loads(line) for line in (work / "regularizer" / "metadata.jsonl").read_text().splitlines()]
     assert len(records) == 8

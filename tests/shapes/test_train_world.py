@@ -1,6 +1,7 @@
 """A smoke run of the world's training script at toy size: it writes a loadable pipeline and resumes."""
 
 import dataclasses
+import io
 import json
 import shutil
 
@@ -12,7 +13,7 @@ from safetensors import safe_open
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from realign_pipeline.shapes import train_world as tw
-from realign_pipeline.shapes.data import make_sample
+from realign_pipeline.shapes.data import EVAL_CATEGORIES, EVAL_PROMPTS_PER_CATEGORY, evaluation_prompts, make_sample
 
 TINY = dict(
     num_images=64,
@@ -58,7 +59,7 @@ def test_world_folder_loads_as_plain_stable_diffusion(world):
     image = pipe("a red circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     assert image.images.shape == (1, 64, 64, 3)
     card = (tw.Path(folder) / "README.md").read_text()
-    assert "Held out" in card and "StableDiffusionPipeline" in card and "| held_out/binding |" in card
+    assert "Held out" in card and "StableDiffusionPipeline" in card and "| development/binding |" in card
     assert (tw.Path(folder) / "samples.png").exists()
 
 
@@ -87,7 +88,7 @@ def test_more_steps_continue_from_the_checkpoint(world, tmp_path):
     info = tw.train_world(longer)
     assert info["stages"]["vae"]["resumed_from"] == 2 and info["stages"]["vae"]["steps"] == 2
     assert info["stages"]["unet"]["resumed_from"] == 2 and info["stages"]["unet"]["steps"] == 4
-    assert torch.load(longer.work / "unet.ckpt", weights_only=False)["step"] == 4
+    assert tw.load_checkpoint(tw.checkpoint_path(longer.work, "unet"))["step"] == 4
     StableDiffusionPipeline.from_pretrained(output)
 
 
@@ -119,14 +120,14 @@ def test_interrupted_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
-    path = tmp_path / "stage.ckpt"
+    path = tmp_path / "stage.safetensors"
     tw.save_checkpoint(path, {"step": 1})
 
-    def broken_save(obj, f):
-        open(f, "wb").write(b"half a checkpoint")
+    def broken_save(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    monkeypatch.setattr(tw, "save_file", broken_save)
     with pytest.raises(OSError):
         tw.save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
@@ -137,3 +138,80 @@ def test_command_line_flags_fill_the_config():
     config = tw.parse_args(["--output", "somewhere", "--seed", "3", "--unet-steps", "5", "--unet-channels", "8", "16"])
     assert config.output_dir == "somewhere" and config.seed == 3 and config.unet_steps == 5
     assert config.unet_channels == (8, 16) and config.work == tw.Path("somewhere-work")
+
+
+def evaluation_set() -> set[str]:
+    """Every prompt of ``realign eval``'s final tables (both evaluation splits, seed 0)."""
+    return {
+        prompt
+        for category in EVAL_CATEGORIES
+        for split in ("held_out", "seen")
+        for prompt in evaluation_prompts(category, split, EVAL_PROMPTS_PER_CATEGORY, seed=0)
+    }
+
+
+def test_world_training_judges_development_prompts_never_evaluation_ones(world):
+    config, info = world
+    judged = [
+        example["prompt"] for key, row in info["evaluation"].items() if "/" in key for example in row["examples"]
+    ]
+    # The fixture judges one prompt per row: the six rows' prompts are exactly the examples recorded.
+    assert sorted(key for key in info["evaluation"] if "/" in key) == sorted(
+        f"{split}/{category}" for split in ("development", "development_seen") for category in EVAL_CATEGORIES
+    )
+    assert len(judged) == 6 and not evaluation_set().intersection(judged)
+    for seed in (0, 1, 7):
+        sets = tw.judged_prompt_sets(dataclasses.replace(config, seed=seed, eval_prompts_per_category=100))
+        assert [len(prompts) for prompts in sets.values()] == [16] * 6  # the whole development split
+        assert not evaluation_set().intersection(p for prompts in sets.values() for p in prompts)
+
+
+class Planted:
+    """Unpickling this writes ``marker``: the code execution that loading a planted checkpoint would allow."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["unet.safetensors", "unet.ckpt"])
+def test_a_planted_pickle_is_never_unpickled(tmp_path, name):
+    marker = tmp_path / "planted-code-ran"
+    buffer = io.BytesIO()
+    torch.save({"step": 3, "payload": Planted(marker)}, buffer)
+    (tmp_path / name).write_bytes(buffer.getvalue())
+    assert torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)["step"] == 3 and marker.exists()  # it works
+    marker.unlink()
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    expected = ValueError if name.endswith(".safetensors") else RuntimeError
+    with pytest.raises(expected, match="unet"):
+        tw._resume(tw.checkpoint_path(tmp_path, "unet"), model, optimizer, torch.Generator())
+    assert not marker.exists()
+
+
+def test_checkpoint_round_trip_keeps_every_kind_of_state(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.8, 0.9))
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    generator = torch.Generator().manual_seed(5)
+    ema = [p.detach().clone() + 1 for p in model.parameters()]
+    path = tw.checkpoint_path(tmp_path, "vae")
+    tw._save(path, 7, model, optimizer, generator, ema)
+    state = tw.load_checkpoint(path)
+    assert state["step"] == 7 and state["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.9)
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.1 and set(state["optimizer"]["state"]) == {0, 1}
+    assert torch.equal(state["generator"], generator.get_state())
+    assert all(torch.equal(a, b) for a, b in zip(state["ema"], ema))
+
+    restored, restored_generator = torch.nn.Linear(3, 2), torch.Generator()
+    restored_optimizer = torch.optim.AdamW(restored.parameters())
+    assert tw._resume(path, restored, restored_optimizer, restored_generator) == 7
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters()))
+    assert torch.equal(torch.rand(4, generator=restored_generator), torch.rand(4, generator=generator))
+    for saved, loaded in zip(optimizer.state.values(), restored_optimizer.state.values()):
+        assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert restored_optimizer.param_groups[0]["lr"] == 0.1

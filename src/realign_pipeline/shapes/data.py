@@ -406,19 +406,81 @@ def _candidate_specs(category: str, pairs: Sequence[tuple[str, str]], must_use: 
     return [spec for spec in candidates if must_use.intersection(spec.pairs)]
 
 
+# The evaluation table's prompt sets are the first ``EVAL_PROMPTS_PER_CATEGORY`` specs of
+# ``evaluation_specs(category, split, seed=0)`` for the two evaluation splits; nothing but ``realign eval`` reads them.
+EVAL_PROMPTS_PER_CATEGORY = 96
+EVALUATION_SPLITS: tuple[str, ...] = ("held_out", "seen")
+# Development prompts, for every choice made while building the world or fine-tuning it (training-time judging,
+# validation rewards, weights): a fixed set of this many per category and split, disjoint from the evaluation sets.
+DEVELOPMENT_PROMPTS_PER_CATEGORY = 16
+# ... but never all of a small category: this many of its non-evaluation prompts per split stay for fine-tuning
+# (there are only 4 held-out and 14 seen single objects).
+FINETUNE_KEEPS_PER_CATEGORY = 2
+DEVELOPMENT_SPLITS: tuple[str, ...] = ("development", "development_seen")
+PROMPT_SPLITS: tuple[str, ...] = EVALUATION_SPLITS + DEVELOPMENT_SPLITS
+
+
+def _names_held_out_pairing(spec: PromptSpec) -> bool:
+    return bool(HELD_OUT_PAIRS.intersection(spec.pairs))
+
+
+def _evaluation_candidates(category: str, split: str) -> list[PromptSpec]:
+    """Every spec an evaluation split can draw from, in a fixed order (before the seeded permutation)."""
+    if split == "held_out":
+        return _candidate_specs(category, ALL_PAIRS, HELD_OUT_PAIRS)
+    return _candidate_specs(category, TRAIN_PAIRS, frozenset())
+
+
+def _evaluated_specs(category: str) -> set[PromptSpec]:
+    """The specs of the evaluation table in ``category`` (both evaluation splits, seed 0)."""
+    evaluated: set[PromptSpec] = set()
+    if category not in EVAL_CATEGORIES:
+        return evaluated
+    for split in EVALUATION_SPLITS:
+        candidates = _evaluation_candidates(category, split)
+        order = np.random.default_rng([0, CATEGORIES.index(category)]).permutation(len(candidates))
+        evaluated.update(candidates[i] for i in order[:EVAL_PROMPTS_PER_CATEGORY])
+    return evaluated
+
+
+def _development_set(category: str, split: str) -> list[PromptSpec]:
+    """The fixed development set of ``category``: ``DEVELOPMENT_PROMPTS_PER_CATEGORY`` specs that no
+    evaluation split holds (fewer where that would leave fine-tuning under ``FINETUNE_KEEPS_PER_CATEGORY``). ``"development"`` specs name at least one held-out pairing anywhere (for counts
+    also the uncounted object, since every held-out counted pairing is an evaluation prompt);
+    ``"development_seen"`` specs name only pairings seen in training."""
+    evaluated = _evaluated_specs(category)
+    candidates = [
+        spec
+        for spec in _candidate_specs(category, ALL_PAIRS, frozenset())
+        if spec not in evaluated and _names_held_out_pairing(spec) == (split == "development")
+    ]
+    # A stream of its own (not the evaluation splits' [seed, category]), fixed: the set never depends on a caller.
+    order = np.random.default_rng([0, 200 + DEVELOPMENT_SPLITS.index(split), CATEGORIES.index(category)])
+    size = max(0, min(DEVELOPMENT_PROMPTS_PER_CATEGORY, len(candidates) - FINETUNE_KEEPS_PER_CATEGORY))
+    return [candidates[i] for i in order.permutation(len(candidates))[:size]]
+
+
 def evaluation_specs(category: str, split: str = "held_out", n: int = 50, seed: int = 0) -> list[PromptSpec]:
     """Up to ``n`` distinct prompt specs of ``category``, in a fixed order given ``seed``.
 
     ``split="held_out"``: every prompt names at least one held-out pairing (for counts: the
     counted pairing is held out), the other objects are seen pairings. ``split="seen"``: only
-    pairings seen in training.
+    pairings seen in training. These two are the evaluation splits: their first
+    ``EVAL_PROMPTS_PER_CATEGORY`` specs (seed 0) are the final table's prompts and nothing else uses them.
+
+    ``split="development"`` (naming a held-out pairing) and ``"development_seen"`` (seen pairings only):
+    a fixed set of at most ``DEVELOPMENT_PROMPTS_PER_CATEGORY`` specs per category, disjoint from the
+    evaluation sets and from the fine-tuning prompts, for every choice made during development (training-time
+    judging, validation, choosing weights); ``seed`` only orders it.
     """
-    if split == "held_out":
-        candidates = _candidate_specs(category, ALL_PAIRS, HELD_OUT_PAIRS)
-    elif split == "seen":
-        candidates = _candidate_specs(category, TRAIN_PAIRS, frozenset())
+    if split not in PROMPT_SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {PROMPT_SPLITS}")
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+    if split in DEVELOPMENT_SPLITS:
+        candidates = _development_set(category, split)
     else:
-        raise ValueError(f"unknown split {split!r}; expected 'held_out' or 'seen'")
+        candidates = _evaluation_candidates(category, split)
     order = np.random.default_rng([seed, CATEGORIES.index(category)]).permutation(len(candidates))
     return [candidates[i] for i in order[:n]]
 
@@ -428,24 +490,46 @@ def evaluation_prompts(category: str, split: str = "held_out", n: int = 50, seed
     return [caption_for(spec) for spec in evaluation_specs(category, split, n, seed)]
 
 
-# The evaluation table's prompt sets are the first ``EVAL_PROMPTS_PER_CATEGORY`` specs of
-# ``evaluation_specs(category, split, seed=0)``; fine-tuning prompts never include them.
-EVAL_PROMPTS_PER_CATEGORY = 96
+def development_prompts(n_per_category: int = DEVELOPMENT_PROMPTS_PER_CATEGORY, seed: int = 0) -> list[str]:
+    """``n_per_category`` development prompts of every category in ``CATEGORIES``, for validation while fine-tuning.
+
+    Half (rounded up) from ``"development"`` (naming a held-out pairing), the rest from
+    ``"development_seen"``; where the first has too few (there are only four held-out single objects), the
+    second fills in. Raises ``ValueError`` if a category cannot give ``n_per_category``.
+    """
+    if n_per_category <= 0:
+        raise ValueError(f"n_per_category must be positive, got {n_per_category}")
+    prompts: list[str] = []
+    for category in CATEGORIES:
+        held_out = evaluation_prompts(category, "development", DEVELOPMENT_PROMPTS_PER_CATEGORY, seed)
+        seen = evaluation_prompts(category, "development_seen", DEVELOPMENT_PROMPTS_PER_CATEGORY, seed)
+        chosen = held_out[: (n_per_category + 1) // 2]
+        chosen += seen[: n_per_category - len(chosen)]
+        if len(chosen) < n_per_category:
+            raise ValueError(
+                f"n_per_category={n_per_category} is more than the {len(held_out) + len(seen)} development prompts "
+                f"of category {category!r}"
+            )
+        prompts += chosen
+    return prompts
 
 
 def finetune_prompts(n_per_category: int = 200, seed: int = 0) -> list[str]:
-    """Prompts for caption-reward fine-tuning: every category over all pairings, minus the evaluation prompts.
+    """Prompts for caption-reward fine-tuning: every category over all pairings, minus the evaluation and
+    development prompts.
 
     As in RealignDiff (T2I-CompBench's training prompts, then its validation prompts), fine-tuning
     sees text prompts that may name held-out pairings, but never a prompt of the evaluation sets
-    (``evaluation_specs(..., n=EVAL_PROMPTS_PER_CATEGORY, seed=0)`` of both splits). The UNet has
-    still never seen a held-out pairing drawn.
+    (``evaluation_specs(..., n=EVAL_PROMPTS_PER_CATEGORY, seed=0)`` of both evaluation splits) nor of
+    the development splits (which validate the fine-tuning). The UNet has still never seen a held-out
+    pairing drawn.
     """
-    evaluated = {
+    evaluated = {caption_for(spec) for category in CATEGORIES for spec in _evaluated_specs(category)}
+    evaluated |= {
         caption_for(spec)
-        for category in EVAL_CATEGORIES
-        for split in ("held_out", "seen")
-        for spec in evaluation_specs(category, split, EVAL_PROMPTS_PER_CATEGORY, seed=0)
+        for category in CATEGORIES
+        for split in DEVELOPMENT_SPLITS
+        for spec in _development_set(category, split)
     }
     prompts: list[str] = []
     for category in CATEGORIES:

@@ -7,8 +7,8 @@
 One command per row, resumable: run it again after a kill and it continues from the newest
 checkpoint in the work folder. It reads top to bottom:
 
-1. the prompt files: ``data.finetune_prompts()`` (never an evaluation prompt), minus a few
-   per category kept aside as validation prompts;
+1. the prompt files: ``data.finetune_prompts()`` to train on and ``data.development_prompts()`` to
+   validate on (disjoint; neither holds a prompt of ``realign eval``'s evaluation sets);
 2. for ReFL, the denoising regulariser's (image, caption) pairs: rendered training-split scenes
    (no held-out pairing drawn), as ReFL regularises with LAION pairs;
 3. a ``TrainConfig`` for the world (``DEFAULTS``, the one place the per-method settings live,
@@ -42,7 +42,7 @@ from ..training.config import TrainConfig, parse_override, unknown_keys
 from ..training.data import write_captioned_images
 from ..training.outputs import TrainResult
 from ..training.run import train
-from .data import CATEGORIES, finetune_prompts, make_sample, parse_prompt
+from .data import CATEGORIES, development_prompts, finetune_prompts, make_sample
 
 WORLD = Path(__file__).resolve().with_name("world")
 METHODS = ("refl", "reward_ranked")
@@ -53,8 +53,9 @@ EXPORT_SUBFOLDERS = {"refl": "unet-refl", "reward_ranked": "unet-ranked"}
 # VAE check (seed 2).
 REGULARIZER_SEED = 100
 REGULARIZER_IMAGES = 2000
-# Validation prompts: this many per category of ``finetune_prompts()``, taken out of the training
-# prompts so the before/after reward is measured on prompts the run did not train on, each listed
+# Validation prompts: this many per category of the development split (``data.development_prompts``), which
+# the training prompts exclude, so the before/after reward is measured on prompts the run did not train on and
+# no evaluation prompt steers a choice (reward-ranked learning picks its round on it); each listed
 # VALIDATION_SEEDS times (the trainer draws one seed per line). The reward of one image varies a lot
 # (its standard deviation is about 1 in log-probability), and reward-ranked learning picks its round
 # on this mean, so it is taken over 96 images rather than 4.
@@ -154,23 +155,16 @@ def build_config(
     return TrainConfig(**options)
 
 
-def split_prompts(prompts: Sequence[str], per_category: int = VALIDATION_PER_CATEGORY) -> tuple[list[str], list[str]]:
-    """``(training, validation)``: the last ``per_category`` prompts of each category go to validation."""
-    by_category: dict[str, list[str]] = {category: [] for category in CATEGORIES}
-    for prompt in prompts:
-        by_category[parse_prompt(prompt).category].append(prompt)
-    validation = [prompt for category in CATEGORIES for prompt in by_category[category][-per_category:]]
-    held = set(validation)
-    return [prompt for prompt in prompts if prompt not in held], validation
-
-
 def write_prompt_files(work_dir: str | Path) -> tuple[Path, Path]:
-    """``prompts.txt`` and ``validation_prompts.txt`` in ``work_dir``, one prompt per line (each
-    validation prompt ``VALIDATION_SEEDS`` times in a row)."""
+    """``prompts.txt`` (``finetune_prompts()``) and ``validation_prompts.txt`` (``development_prompts``, each
+    ``VALIDATION_SEEDS`` times in a row) in ``work_dir``, one prompt per line.
+
+    The two sets are disjoint, and neither holds a prompt of ``realign eval``'s evaluation sets.
+    """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    training, validation = split_prompts(finetune_prompts())
-    validation = [prompt for prompt in validation for _ in range(VALIDATION_SEEDS)]
+    training = finetune_prompts()
+    validation = [prompt for prompt in development_prompts(VALIDATION_PER_CATEGORY) for _ in range(VALIDATION_SEEDS)]
     paths = work_dir / "prompts.txt", work_dir / "validation_prompts.txt"
     for path, prompts in zip(paths, (training, validation)):
         path.write_text("\n".join(prompts) + "\n")
@@ -289,7 +283,7 @@ pipe = RealignDiffPipeline.from_pretrained(world, realign_unet=world, realign_un
 Optimizer steps: {result.global_step}. Wall time: {seconds / 60:.1f} min{resumed}, {torch.get_num_threads()} threads.
 
 Validation reward (concept matching: the captioner's mean log-probability per prompt token;
-{images} validation images: the first of `validation_prompts.txt`, prompts kept out of training,
+{images} validation images: the first of `validation_prompts.txt`, development-split prompts kept out of training,
 each listed {VALIDATION_SEEDS} times with its own fixed seed; as the trainer logs them):
 
 | when | step | reward |

@@ -41,6 +41,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import (
     BertTokenizer,
@@ -112,7 +114,7 @@ class WorldConfig:
     # bookkeeping
     checkpoint_every: int = 200
     log_every: int = 50
-    eval_prompts_per_category: int = 16
+    eval_prompts_per_category: int = 16  # development prompts judged at the end (at most 16 per category exist)
     eval_steps: int = 25
     guidance_scale: float = 4.0
 
@@ -125,17 +127,88 @@ class WorldConfig:
 # checkpoints and schedules
 
 
+# Stage checkpoints are safetensors files: tensors by name, and the rest of the state (step, optimizer
+# hyper-parameters, where each tensor sits) as JSON in the header, so resuming never unpickles anything.
+CHECKPOINT_SUFFIX = ".safetensors"
+# The pickled checkpoints of earlier versions; they are refused, never loaded (a planted pickle would run code).
+LEGACY_CHECKPOINT_SUFFIX = ".ckpt"
+_STATE_KEY = "realign_pipeline.state"
+
+
+def checkpoint_path(work: Path, stage: str) -> Path:
+    """Where ``stage``'s checkpoint lives in the work folder."""
+    return Path(work) / f"{stage}{CHECKPOINT_SUFFIX}"
+
+
+def _encode(value: object, tensors: dict[str, torch.Tensor], where: str) -> object:
+    """``value`` as JSON, each tensor replaced by a reference to ``tensors[where]``."""
+    if isinstance(value, torch.Tensor):
+        # A clone: safetensors refuses tensors that share memory, and a checkpoint must not alias live weights.
+        tensors[where] = value.detach().to("cpu").clone().contiguous()
+        return {"tensor": where}
+    if isinstance(value, dict):
+        # Pairs, not a JSON object: optimizer states are keyed by int parameter ids.
+        return {"dict": [[key, _encode(item, tensors, f"{where}/{key}")] for key, item in value.items()]}
+    if isinstance(value, (list, tuple)):
+        items = [_encode(item, tensors, f"{where}/{index}") for index, item in enumerate(value)]
+        return {"tuple" if isinstance(value, tuple) else "list": items}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    raise TypeError(f"cannot store a {type(value).__name__} at {where!r} in a safetensors checkpoint")
+
+
+def _decode(encoded: dict, tensors: dict[str, torch.Tensor]) -> object:
+    """The inverse of ``_encode``."""
+    ((kind, content),) = encoded.items()
+    if kind == "tensor":
+        return tensors[content]
+    if kind == "dict":
+        return {key: _decode(item, tensors) for key, item in content}
+    if kind in ("list", "tuple"):
+        items = [_decode(item, tensors) for item in content]
+        return tuple(items) if kind == "tuple" else items
+    if kind == "value":
+        return content
+    raise ValueError(f"unknown entry {kind!r} in a checkpoint's state")
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write ``state`` (nested dicts, lists, tensors and JSON scalars) atomically as one safetensors file:
+    a crash mid-write leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(state, tensors, "state")
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    save_file(tensors, tmp, metadata={_STATE_KEY: json.dumps(structure)})
     os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict | None:
-    """The checkpoint at ``path``, or ``None`` when the stage has not started."""
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+    """The checkpoint at ``path``, or ``None`` when the stage has not started.
+
+    Only safetensors are read. A pickled checkpoint of an earlier version beside it (``<stage>.ckpt``) is
+    refused with an error instead of being loaded, and a file that is not safetensors raises ``ValueError``.
+    """
+    path = Path(path)
+    legacy = path.with_suffix(LEGACY_CHECKPOINT_SUFFIX)
+    if not path.exists():
+        if legacy.exists():
+            raise RuntimeError(
+                f"{legacy} is a pickled checkpoint of an earlier version; it is not loaded, since unpickling runs "
+                f"code. Delete it to restart the stage (checkpoints are now {CHECKPOINT_SUFFIX} files)."
+            )
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} is not a safetensors checkpoint ({error}); delete it to restart the stage"
+        ) from error
+    if _STATE_KEY not in metadata:
+        raise ValueError(f"{path} holds no training state (no {_STATE_KEY!r} entry in its header)")
+    return _decode(json.loads(metadata[_STATE_KEY]), tensors)
 
 
 def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -364,7 +437,7 @@ def train_vae(config: WorldConfig, images: np.ndarray) -> tuple[AutoencoderKL, d
     vae = build_vae(config)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed + 10)
-    path = config.work / "vae.ckpt"
+    path = checkpoint_path(config.work, "vae")
     step = start = _resume(path, vae, optimizer, generator)
     pixels = torch.from_numpy(images)  # uint8; converted per batch to keep memory at a quarter
     logger = StageLogger("vae", config.vae_steps, step, config.log_every, config.work / "log.jsonl")
@@ -395,14 +468,16 @@ def train_vae(config: WorldConfig, images: np.ndarray) -> tuple[AutoencoderKL, d
 @torch.no_grad()
 def encode_latents(config: WorldConfig, vae: AutoencoderKL, images: np.ndarray, vae_steps: int) -> torch.Tensor:
     """Posterior means of every image, cached per (VAE step, dataset size)."""
-    path = config.work / f"latents-vae{vae_steps}-n{len(images)}.pt"
+    path = config.work / f"latents-vae{vae_steps}-n{len(images)}.safetensors"
     if path.exists():
-        return torch.load(path)
+        return load_file(path)["latents"]
     chunks = []
     for start in tqdm(range(0, len(images), 256), desc="encode", mininterval=5.0):
         chunks.append(vae.encode(to_model_range(images[start : start + 256])).latent_dist.mean)
     latents = torch.cat(chunks)
-    save_checkpoint(path, latents)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"latents": latents.contiguous()}, tmp)
+    os.replace(tmp, path)
     return latents
 
 
@@ -419,7 +494,7 @@ def train_unet(
     optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
     generator = torch.Generator().manual_seed(config.seed + 20)
-    path = config.work / "unet.ckpt"
+    path = checkpoint_path(config.work, "unet")
     step = start = _resume(path, torch.nn.ModuleList([unet, text_encoder]), optimizer, generator, ema)
 
     def token_ids(texts: list[str]) -> torch.Tensor:
@@ -481,7 +556,7 @@ def train_captioner(
     model = build_captioner(config, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.captioner_lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(config.seed + 30)
-    path = config.work / "captioner.ckpt"
+    path = checkpoint_path(config.work, "captioner")
     step = start = _resume(path, model, optimizer, generator)
     encoded = tokenizer(captions, padding="max_length", max_length=config.captioner_max_length, return_tensors="pt")
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
@@ -600,36 +675,49 @@ def vae_roundtrip_accuracy(vae: AutoencoderKL, num_images: int = 200, seed: int 
     return {"n": num_images, "passed": float(np.mean(passed)), "mse": float(((decoded - pixels) ** 2).mean())}
 
 
+def judged_prompt_sets(config: WorldConfig) -> dict[str, list[str]]:
+    """The prompts judged while building the world, by ``"<split>/<category>"``: development prompts only.
+
+    Seen pairings first, then held-out ones (``data.DEVELOPMENT_SPLITS``), ``eval_prompts_per_category`` each
+    (at most ``data.DEVELOPMENT_PROMPTS_PER_CATEGORY``). The evaluation splits' prompts are for ``realign eval``'s
+    final tables alone, so no choice made while building the world can have looked at them.
+    """
+    return {
+        f"{split}/{category}": evaluation_prompts(category, split, config.eval_prompts_per_category, seed=config.seed)
+        for split in ("development_seen", "development")
+        for category in EVAL_CATEGORIES
+    }
+
+
 @torch.no_grad()
 def evaluate_world(config: WorldConfig) -> dict:
-    """Load the saved folder as a user would, generate the evaluation prompts, judge them."""
+    """Load the saved folder as a user would, generate the development prompts, judge them."""
     pipe = StableDiffusionPipeline.from_pretrained(config.output_dir)
     pipe.set_progress_bar_config(disable=True)
     results: dict = {}
     grid = []
-    for split in ("seen", "held_out"):
-        for category in EVAL_CATEGORIES:
-            prompts = evaluation_prompts(category, split, config.eval_prompts_per_category, seed=config.seed)
-            generator = torch.Generator().manual_seed(config.seed)
-            images = pipe(
-                prompts,
-                num_inference_steps=config.eval_steps,
-                guidance_scale=config.guidance_scale,
-                generator=generator,
-            ).images
-            verdicts = [judge(image, prompt) for image, prompt in zip(images, prompts)]
-            results[f"{split}/{category}"] = {
-                "n": len(prompts),
-                "passed": float(np.mean([v.passed for v in verdicts])),
-                "objects_present": float(np.mean([v.objects_present for v in verdicts])),
-                "binding_correct": float(np.mean([v.binding_correct for v in verdicts])),
-                "count_correct": float(np.mean([v.count_correct for v in verdicts])),
-                "relation_correct": None
-                if category != "relation"
-                else float(np.mean([bool(v.relation_correct) for v in verdicts])),
-                "examples": [v.as_dict() for v in verdicts[:4]],
-            }
-            grid.append(images[:8])
+    for key, prompts in judged_prompt_sets(config).items():
+        category = key.split("/")[1]
+        generator = torch.Generator().manual_seed(config.seed)
+        images = pipe(
+            prompts,
+            num_inference_steps=config.eval_steps,
+            guidance_scale=config.guidance_scale,
+            generator=generator,
+        ).images
+        verdicts = [judge(image, prompt) for image, prompt in zip(images, prompts)]
+        results[key] = {
+            "n": len(prompts),
+            "passed": float(np.mean([v.passed for v in verdicts])),
+            "objects_present": float(np.mean([v.objects_present for v in verdicts])),
+            "binding_correct": float(np.mean([v.binding_correct for v in verdicts])),
+            "count_correct": float(np.mean([v.count_correct for v in verdicts])),
+            "relation_correct": None
+            if category != "relation"
+            else float(np.mean([bool(v.relation_correct) for v in verdicts])),
+            "examples": [v.as_dict() for v in verdicts[:4]],
+        }
+        grid.append(images[:8])
     results["vae_roundtrip"] = vae_roundtrip_accuracy(pipe.vae, seed=config.seed)
     sheet = PIL.Image.new("RGB", (IMAGE_SIZE * 8, IMAGE_SIZE * len(grid)))
     for row, images in enumerate(grid):
@@ -724,7 +812,9 @@ encoder and captioner in float32 (transformers would keep float16).
 ## Judged evaluation
 
 `realign_pipeline.shapes.judge` (palette segmentation and rule-based shape classification,
-no learned model), {config.eval_prompts_per_category} prompts per row, DDIM {config.eval_steps} steps, guidance
+no learned model) on development prompts (`development_seen`: seen pairings; `development`: naming a
+held-out pairing), never on the evaluation prompts of `realign eval`, which are kept for its final tables;
+{config.eval_prompts_per_category} prompts per row, DDIM {config.eval_steps} steps, guidance
 {config.guidance_scale}, one seed. "passed" needs every object present, every colour on the right
 shape, exact counts with nothing extra, and the relation.
 
@@ -734,7 +824,7 @@ shape, exact counts with nothing extra, and the relation.
 
 {roundtrip_line}
 
-`samples.png`: first eight images of each row above, in the same order (seen then held-out;
+`samples.png`: first eight images of each row above, in the same order (seen then held-out pairings;
 binding, relation, count).
 
 ## Files
