@@ -4,6 +4,7 @@ import json
 import logging
 import re
 import sys
+import time
 import traceback
 
 import openai
@@ -12,12 +13,21 @@ import pytest
 from realign_pipeline.llm import (
     JsonChatClient,
     LLMResponseError,
+    LLMTimeoutError,
     SchemaValidationError,
     schema_errors,
     validate_json,
 )
 
-from ..servers.openai_stub import STUB_API_KEY, OpenAIStub, chat_reply, error_reply, slow_reply
+from ..servers.openai_stub import (
+    STUB_API_KEY,
+    OpenAIStub,
+    chat_reply,
+    error_reply,
+    raw_error_reply,
+    slow_reply,
+    trickle_reply,
+)
 
 SCHEMA = {
     "type": "object",
@@ -137,6 +147,97 @@ def test_falls_back_to_json_object_then_plain_when_the_server_rejects_formats(tm
         assert make_client(server, tmp_path, use_cache=False).complete_json(MESSAGES[1:], SCHEMA) == ANSWER
         assert [r.response_format for r in server.requests] == ["json_schema", "json_object", None]
         assert server.requests[-1].body["messages"][0]["role"] == "system"  # added: there was none
+
+
+UNKNOWN_MODEL = "The model `no-such-model` does not exist or you do not have access to it."
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        error_reply(400, UNKNOWN_MODEL, code="model_not_found"),
+        error_reply(400, "This model's maximum context length is 4096 tokens.", param="messages"),
+        error_reply(404, UNKNOWN_MODEL, code="model_not_found"),
+    ],
+    ids=["400-unknown-model", "400-context-length", "404-unknown-model"],
+)
+def test_other_client_errors_raise_at_once_and_keep_the_remembered_format(tmp_path, error):
+    message = error.body["error"]["message"]
+    # A fresh client: one request, the server's message, nothing remembered.
+    with OpenAIStub() as server:
+        server.push(error)
+        client = make_client(server, tmp_path, use_cache=False)
+        with pytest.raises(openai.APIStatusError, match=re.escape(message)):
+            client.complete_json(MESSAGES, SCHEMA)
+        assert [r.response_format for r in server.requests] == ["json_schema"]
+        assert client.accepted_response_format is None
+    # A client that has learnt json_object: the error costs one json_object request and changes nothing.
+    with OpenAIStub(reject_response_formats={"json_schema"}) as server:
+        server.push(chat_reply(ANSWER), error)
+        client = make_client(server, tmp_path, use_cache=False)
+        client.complete_json(MESSAGES, SCHEMA)
+        assert client.accepted_response_format == "json_object"
+        with pytest.raises(openai.APIStatusError, match=re.escape(message)):
+            client.complete_json(MESSAGES, SCHEMA)
+        assert [r.response_format for r in server.requests] == ["json_schema", "json_object", "json_object"]
+        assert client.accepted_response_format == "json_object"
+
+
+@pytest.mark.parametrize(
+    "rejection",
+    [
+        error_reply(
+            400, "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model."
+        ),
+        error_reply(400, "Invalid value.", param="response_format"),
+        error_reply(400, "JSON mode is not supported for this model."),
+        raw_error_reply(422, {"detail": [{"loc": ["body", "response_format", "type"], "msg": "bad value"}]}),
+    ],
+    ids=["openai-message", "param-only", "json-mode", "fastapi-422"],
+)
+def test_only_a_refused_response_format_falls_back(tmp_path, rejection):
+    with OpenAIStub() as server:
+        server.push(rejection, chat_reply(ANSWER))
+        client = make_client(server, tmp_path, use_cache=False)
+        assert client.complete_json(MESSAGES, SCHEMA) == ANSWER
+        assert [r.response_format for r in server.requests] == ["json_schema", "json_object"]
+        assert client.accepted_response_format == "json_object"
+
+
+def test_a_trickling_answer_is_cut_off_at_the_total_timeout(openai_stub, tmp_path, caplog):
+    # One byte every 0.1 s: a per-read timeout of 0.8 s never fires, the total limit must.
+    openai_stub.push(trickle_reply(0.1), trickle_reply(0.1, phase="headers"))
+    client = make_client(openai_stub, tmp_path, timeout=0.8, max_retries=1, initial_backoff=0.01)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="realign_pipeline.llm.client"):
+        with pytest.raises(LLMTimeoutError, match=r"timeout=0\.8 s \(a total limit per request") as error:
+            client.complete_json(MESSAGES, SCHEMA)
+    elapsed = time.monotonic() - start
+    assert 1.6 <= elapsed < 1.6 + 0.8  # two attempts of 0.8 s (body, then header trickle), plus a margin
+    assert "2 attempt(s)" in str(error.value)
+    assert isinstance(error.value.__cause__, openai.APITimeoutError)
+    assert len(openai_stub.requests) == 2
+    assert "LLM request failed (timeout); retry 1 of 1" in caplog.text
+    # Connections are not reused, so a request after a normal answer is cut off as well.
+    openai_stub.push(chat_reply(ANSWER), trickle_reply(0.1))
+    client = make_client(openai_stub, tmp_path, timeout=0.8, max_retries=0, use_cache=False)
+    assert client.complete_json(MESSAGES, SCHEMA) == ANSWER
+    start = time.monotonic()
+    with pytest.raises(LLMTimeoutError, match="1 attempt"):
+        client.complete_json(MESSAGES, SCHEMA)
+    assert 0.8 <= time.monotonic() - start < 0.8 + 0.6
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("inf"), float("nan"), "5", True])
+def test_timeout_must_be_positive_and_finite(tmp_path, timeout):
+    with pytest.raises(ValueError, match=r"timeout must be a finite number of seconds > 0"):
+        JsonChatClient(api_key=STUB_API_KEY, cache_dir=tmp_path, timeout=timeout)
+
+
+@pytest.mark.parametrize("max_retries", [-1, 1.5, "2", None])
+def test_max_retries_must_be_a_non_negative_integer(tmp_path, max_retries):
+    with pytest.raises(ValueError, match=r"max_retries must be an integer >= 0"):
+        JsonChatClient(api_key=STUB_API_KEY, cache_dir=tmp_path, max_retries=max_retries)
 
 
 def test_invalid_answers_raise_and_are_not_cached(openai_stub, tmp_path):

@@ -13,6 +13,7 @@ queues the replies it wants, in order, and afterwards reads what the server rece
 Requests whose ``response_format`` type is in ``reject_response_formats`` get HTTP 400 (as a server
 without structured outputs answers) without using up a queued reply. When the queue is empty the
 server answers HTTP 400 "no scripted reply", which fails a test loudly instead of retrying.
+``trickle_reply`` scripts a server that never finishes: one byte (of the body, or of the headers) per interval.
 
 Import it as ``tests.servers.openai_stub`` (``tests`` is a package; pytest puts the repository root
 on ``sys.path`` when it loads ``tests/conftest.py``).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,6 +42,11 @@ class StubReply:
     body: dict[str, Any] | str = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    # Trickling (``trickle_reply``): one byte every ``trickle_interval`` seconds, in the body or the headers,
+    # for ``trickle_duration`` seconds, then the connection closes with the reply unfinished.
+    trickle_interval: float = 0.0
+    trickle_phase: str = "body"
+    trickle_duration: float = 0.0
 
 
 def chat_reply(content: str | dict[str, Any] | list[Any], model: str = "stub-model") -> StubReply:
@@ -64,15 +71,38 @@ def chat_reply(content: str | dict[str, Any] | list[Any], model: str = "stub-mod
     )
 
 
-def error_reply(status: int, message: str = "stub error", headers: dict[str, str] | None = None) -> StubReply:
+def error_reply(
+    status: int,
+    message: str = "stub error",
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+    code: str | None = None,
+) -> StubReply:
     """An error in OpenAI's format, e.g. ``error_reply(429, headers={"retry-after": "0"})``."""
-    kinds = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}
-    kind = kinds.get(status, "api_error")
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error"}
+    kind = kinds.get(status, "rate_limit_error" if status == 429 else "api_error")
     return StubReply(
         status=status,
-        body={"error": {"message": message, "type": kind, "param": None, "code": None}},
+        body={"error": {"message": message, "type": kind, "param": param, "code": code}},
         headers=dict(headers or {}),
     )
+
+
+def raw_error_reply(status: int, body: dict[str, Any]) -> StubReply:
+    """An error whose JSON body is not OpenAI's shape, e.g. a FastAPI validation error (HTTP 422, ``detail``)."""
+    return StubReply(status=status, body=body)
+
+
+def trickle_reply(interval: float, phase: str = "body", duration: float = 10.0) -> StubReply:
+    """A reply that never completes: one byte every ``interval`` seconds for ``duration`` seconds.
+
+    ``phase="body"`` sends the status line and headers (announcing a long body), then the body one space
+    at a time; ``phase="headers"`` sends the status line, then one header byte at a time. A client
+    whose timeout applies per read never gives up on it before ``duration``; then the stub hangs up.
+    """
+    if phase not in ("body", "headers"):
+        raise ValueError(f"phase must be 'body' or 'headers', got {phase!r}.")
+    return StubReply(trickle_interval=interval, trickle_phase=phase, trickle_duration=duration)
 
 
 def slow_reply(reply: StubReply, delay: float) -> StubReply:
@@ -151,6 +181,9 @@ class OpenAIStub:
                     body = {"_unparsed": raw.decode("utf-8", "replace")}
                 request = StubRequest(self.path, body, self.headers.get("Authorization"))
                 reply = stub._reply_for(request)
+                if reply.trickle_interval > 0:
+                    self._trickle(reply)
+                    return
                 if reply.delay:
                     stub._stopping.wait(reply.delay)
                 payload = reply.body if isinstance(reply.body, str) else json.dumps(reply.body)
@@ -165,6 +198,24 @@ class OpenAIStub:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and hung up before the (slow) reply
+
+            def _trickle(self, reply: StubReply) -> None:
+                # Unbuffered writes (wbufsize 0): each byte leaves at once, as from a stalling server.
+                self.close_connection = True
+                try:
+                    if reply.trickle_phase == "body":
+                        self.wfile.write(
+                            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+                        )
+                        byte = b" "  # JSON whitespace
+                    else:
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Stub-Trickle: ")
+                        byte = b"x"
+                    deadline = time.monotonic() + reply.trickle_duration
+                    while time.monotonic() < deadline and not stub._stopping.wait(reply.trickle_interval):
+                        self.wfile.write(byte)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up: what a total timeout should do
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep test output clean

@@ -5,14 +5,18 @@ prompt and what the image shows) and by the tag reward (FineRewards: an LLM scor
 3 / 2 / 1 against the prompt). It wraps the official ``openai`` client and adds, explicitly:
 
 * **JSON answers.** Structured outputs (``response_format={"type": "json_schema", ...}``) where the
-  server supports them; when a server rejects that with HTTP 400 / 422, the client falls back to
-  ``{"type": "json_object"}`` and then to a plain request, with the schema written into the system
-  message, and remembers the first mode that worked. Every answer is parsed and validated here
-  (``realign_pipeline.llm.schema``), whatever the mode.
+  server supports them; when a server rejects the response format (HTTP 400 / 422 whose error names
+  it: ``is_format_unsupported``), the client falls back to ``{"type": "json_object"}`` and then to a
+  plain request, with the schema written into the system message, and remembers the first mode that
+  worked. Any other 400 / 404 (an unknown model, a bad request) is raised at once, with the server's
+  message. Every answer is parsed and validated here (``realign_pipeline.llm.schema``), whatever the mode.
 * **Retries.** The ``openai`` client's own retries are switched off (``max_retries=0``) so that every
   retry is this class's: on HTTP 408, 409, 429 and 5xx, timeouts and connection errors, with
   exponential backoff ``initial_backoff · 2^k`` capped at ``max_backoff`` (a server's
   ``Retry-After`` is honoured up to the same cap). Each retry is logged at WARNING.
+* **A total timeout.** ``timeout`` bounds each request from sending it to having its whole answer
+  (``realign_pipeline.llm.deadline``): httpx's own timeouts are per read, so a server trickling one
+  byte a second would otherwise never be cut off. When the last attempt times out, ``LLMTimeoutError``.
 * **A disk cache.** One JSON file per request in ``cache_dir``, named by the SHA-256 of
   (model, messages, schema, temperature), written atomically (temporary file, then ``os.replace``),
   so repeated runs over a prompt set cost one request per distinct prompt.
@@ -47,8 +51,20 @@ MODEL_ENV_VAR = "REALIGN_LLM_MODEL"
 API_KEY_ENV_VAR = "OPENAI_API_KEY"
 BASE_URL_ENV_VAR = "OPENAI_BASE_URL"
 DEFAULT_MODEL = "gpt-4o-mini"
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_MAX_RETRIES = 4
 RESPONSE_FORMATS = ("json_schema", "json_object", "text")
 RETRYABLE_STATUS_CODES = frozenset({408, 409, 429})
+# Words by which OpenAI, vLLM, llama.cpp, LM Studio, Groq and others say that a response format is
+# unsupported (in the message, or in a FastAPI validation error's ``detail``); compared in lower case.
+FORMAT_ERROR_MARKERS = (
+    "response_format",
+    "response format",
+    "json_schema",
+    "json_object",
+    "json mode",
+    "structured output",
+)
 SCHEMA_INSTRUCTION = (
     "Reply with one JSON object and nothing else (no prose, no code fences). It must match this JSON Schema:\n{schema}"
 )
@@ -60,6 +76,10 @@ class LLMResponseError(ValueError):
     def __init__(self, message: str, content: str | None = None) -> None:
         super().__init__(message)
         self.content = content
+
+
+class LLMTimeoutError(TimeoutError):
+    """No complete answer within the client's ``timeout`` (a total limit per request), on any attempt."""
 
 
 def default_cache_dir() -> Path:
@@ -79,6 +99,8 @@ def import_openai() -> Any:
 
 def is_retryable(error: BaseException) -> bool:
     """Whether ``error`` is transient: a timeout, a connection error, or HTTP 408 / 409 / 429 / 5xx."""
+    if isinstance(error, LLMTimeoutError):
+        return True
     openai = import_openai()
     if isinstance(error, openai.APIConnectionError):  # APITimeoutError is a subclass
         return True
@@ -89,6 +111,8 @@ def is_retryable(error: BaseException) -> bool:
 
 def describe_error(error: BaseException) -> str:
     """A short description for logs: the kind of failure, never the server's message or the request."""
+    if isinstance(error, LLMTimeoutError):
+        return "timeout"
     openai = import_openai()
     if isinstance(error, openai.APITimeoutError):
         return "timeout"
@@ -97,6 +121,24 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, openai.APIStatusError):
         return f"HTTP {error.status_code}"
     return type(error).__name__
+
+
+def is_format_unsupported(error: BaseException) -> bool:
+    """Whether ``error`` is a server refusing the request's ``response_format``, which a fallback mode may avoid.
+
+    Only HTTP 400 / 422 whose error is about the response format count: its ``param`` is
+    ``response_format``, or its message or body mentions one of ``FORMAT_ERROR_MARKERS``. Any other
+    client error (an unknown model, a context too long, a malformed request) would fail in every mode.
+    """
+    openai = import_openai()
+    if not isinstance(error, openai.APIStatusError) or error.status_code not in (400, 422):
+        return False
+    if error.param and "response_format" in str(error.param):
+        return True
+    body = error.body
+    body_text = body if isinstance(body, str) else json.dumps(body, default=str)
+    text = f"{error.message} {body_text}".lower()
+    return any(marker in text for marker in FORMAT_ERROR_MARKERS)
 
 
 def parse_json_object(content: str) -> dict[str, Any]:
@@ -121,8 +163,10 @@ class JsonChatClient:
         model: model name; ``None`` reads ``$REALIGN_LLM_MODEL``, then uses ``gpt-4o-mini``.
         base_url: server URL ending in ``/v1``; ``None`` reads ``$OPENAI_BASE_URL``, then uses OpenAI's.
         api_key: ``None`` reads ``$OPENAI_API_KEY``; a ``ValueError`` if neither is set.
-        timeout: seconds per request.
-        max_retries: retries after the first attempt, for transient failures only.
+        timeout: seconds per request attempt, in all: from sending it to having the whole answer,
+            however slowly the server sends. A call can take up to ``(max_retries + 1) · timeout``
+            plus the backoff waits.
+        max_retries: retries after the first attempt, for transient failures only (timeouts included).
         initial_backoff, max_backoff: the wait before retry ``k`` (from 0) is
             ``min(max_backoff, initial_backoff · 2^k)``, or the server's ``Retry-After`` up to ``max_backoff``.
         response_format: ``"auto"`` (structured outputs, falling back as the module docstring says),
@@ -140,8 +184,8 @@ class JsonChatClient:
         base_url: str | None = None,
         api_key: str | None = None,
         *,
-        timeout: float = 60.0,
-        max_retries: int = 4,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
         initial_backoff: float = 1.0,
         max_backoff: float = 30.0,
         response_format: str = "auto",
@@ -152,9 +196,10 @@ class JsonChatClient:
     ) -> None:
         if response_format != "auto" and response_format not in RESPONSE_FORMATS:
             raise ValueError(f"response_format must be 'auto' or one of {RESPONSE_FORMATS}, got {response_format!r}.")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}.")
+        check_timeout_and_retries(timeout, max_retries)
         openai = import_openai()
+        from .deadline import DeadlineHttpClient
+
         self.model = model or os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL
         api_key = api_key or os.environ.get(API_KEY_ENV_VAR)
         if not api_key:
@@ -164,9 +209,15 @@ class JsonChatClient:
             )
         base_url = base_url or os.environ.get(BASE_URL_ENV_VAR) or None
         # The key lives only inside the openai client, which neither logs nor prints it.
-        self._client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+        self._client = openai.OpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=0,
+            http_client=DeadlineHttpClient(total_timeout=timeout, timeout=timeout),
+        )
         self.base_url = str(self._client.base_url)
-        self.timeout = timeout
+        self.timeout = float(timeout)
         self.max_retries = max_retries
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
@@ -181,8 +232,14 @@ class JsonChatClient:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r}, api_key='***', "
-            f"response_format={self.response_format!r}, cache_dir={str(self.cache_dir)!r})"
+            f"response_format={self.response_format!r}, timeout={self.timeout!r}, max_retries={self.max_retries!r}, "
+            f"cache_dir={str(self.cache_dir)!r})"
         )
+
+    @property
+    def accepted_response_format(self) -> str | None:
+        """The response format this server last accepted (``response_format="auto"``); ``None`` before any answer."""
+        return self._accepted_format
 
     # -- cache ------------------------------------------------------------------------------------
 
@@ -246,7 +303,9 @@ class JsonChatClient:
         Raises:
             LLMResponseError: the answer is not JSON, does not match ``schema`` or fails ``check``.
                 Not retried here: whether to ask again is the caller's decision.
-            openai.APIError: the request failed (after the retries, for transient failures).
+            LLMTimeoutError: no complete answer within ``timeout`` on any attempt.
+            openai.APIError: the request failed (after the retries, for transient failures); a client
+                error other than an unsupported response format (an unknown model, say) after one request.
         """
         use_cache = self.use_cache if use_cache is None else use_cache
         key = self.cache_key(messages, schema)
@@ -295,8 +354,9 @@ class JsonChatClient:
             try:
                 content = self._request_with_retries(messages, schema, schema_name, response_format)
             except openai.APIStatusError as error:
-                # 400 / 422 is how OpenAI, vLLM and llama.cpp say a response_format is unsupported.
-                if error.status_code in (400, 422) and index + 1 < len(formats):
+                # Only a refused response format is worth another mode; any other 400 would fail in every
+                # mode, so it is raised as it is, after one request, and what was accepted is unchanged.
+                if is_format_unsupported(error) and index + 1 < len(formats):
                     logger.warning(
                         "The server rejected response_format %r (HTTP %d); trying %r.",
                         response_format,
@@ -327,11 +387,17 @@ class JsonChatClient:
                 arguments["response_format"] = {"type": "json_object"}
         if self.temperature is not None:
             arguments["temperature"] = self.temperature
+        openai = import_openai()
         for attempt in range(self.max_retries + 1):
             try:
                 completion = self._client.chat.completions.create(**arguments)
                 break
             except Exception as error:
+                if attempt == self.max_retries and isinstance(error, openai.APITimeoutError):
+                    raise LLMTimeoutError(
+                        f"The LLM server sent no complete answer within timeout={self.timeout:g} s (a total limit "
+                        f"per request, however slowly it sends), in {attempt + 1} attempt(s)."
+                    ) from error
                 if attempt == self.max_retries or not is_retryable(error):
                     raise
                 delay = self._backoff(attempt, error)
@@ -367,6 +433,14 @@ class JsonChatClient:
         if retry_after is not None and retry_after >= 0:
             delay = retry_after
         return min(self.max_backoff, delay)
+
+
+def check_timeout_and_retries(timeout: float, max_retries: int) -> None:
+    """``ValueError`` unless ``timeout`` is a finite number of seconds > 0 and ``max_retries`` an integer >= 0."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}.")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}.")
 
 
 def with_schema_instruction(messages: list[dict[str, str]], schema: Mapping[str, Any]) -> list[dict[str, str]]:
