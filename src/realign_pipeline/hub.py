@@ -64,15 +64,36 @@ def merged_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return merged
 
 
-def save_unet(unet: torch.nn.Module, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Save ``unet`` (LoRA merged in, if it has one) as a diffusers UNet folder with safetensors."""
+def save_unet(
+    unet: torch.nn.Module,
+    folder: str | Path,
+    dtype: torch.dtype | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Save ``unet`` (LoRA merged in, if it has one) as a diffusers UNet folder with safetensors.
+
+    ``state_dict`` replaces ``unet.state_dict()`` as the weights to write (``unet`` then gives only
+    the config): a trainer passes ``accelerator.get_state_dict(model)``, the gathered weights, since
+    under ZeRO-3 or FSDP the module itself holds only this process's shards. Not with a LoRA UNet,
+    whose merge reads the adapter from the module.
+    """
     folder = Path(folder)
+    if state_dict is not None and has_lora(unet):
+        raise ValueError("save_unet: state_dict cannot be combined with a LoRA UNet (the merge reads the module).")
+    if state_dict is not None:
+        expected = set(unet.state_dict())
+        if set(state_dict) != expected:
+            missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+            raise ValueError(
+                f"save_unet: state_dict keys do not match the UNet's "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})."
+            )
+        state = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    elif has_lora(unet):
+        state = merged_state_dict(unet)
+    else:
+        state = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
-    state = (
-        merged_state_dict(unet)
-        if has_lora(unet)
-        else {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
-    )
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     unet.save_config(folder)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from PIL import Image
 
@@ -37,3 +38,39 @@ def test_captioned_images_round_trip(tmp_path):
     batch, captions = pairs.batch([0, 1])
     assert batch.shape == (2, 3, 32, 32) and captions == ["a red thing", "a blue thing"]
     assert batch[0, 0].mean() > 0.9 and batch[1, 2].mean() > 0.9
+
+
+def test_a_global_batch_never_straddles_two_epochs():
+    # 6 prompts in global batches of 2 × 2: each epoch is one whole global batch and 2 prompts sit
+    # out (a different 2 each epoch); a batch cut across two epochs would repeat prompts.
+    prompts = [f"prompt {i}" for i in range(6)]
+    samplers = [PromptSampler(prompts, batch_size=2, num_processes=2, process_index=p, seed=1) for p in range(2)]
+    left_out = set()
+    for step in range(60):
+        first, second = samplers[0].batch(step), samplers[1].batch(step)
+        assert len(set(first + second)) == 4, f"step {step}: {first} {second}"
+        left_out |= set(prompts) - set(first + second)
+        # A pure function of the step: a fresh sampler (a resumed run) draws the same batch.
+        assert PromptSampler(prompts, 2, 2, 1, seed=1).batch(step) == second
+    assert left_out == set(prompts)  # every prompt is trained on in some epochs
+
+
+def test_whole_epochs_keep_the_order_they_always_had():
+    # 12 prompts, global batch 6: nothing left out; epoch e is the permutation seeded by seed·1_000_003 + e.
+    import random
+
+    prompts = [f"prompt {i}" for i in range(12)]
+    for epoch in (0, 1):
+        order = list(range(12))
+        random.Random(5 * 1_000_003 + epoch).shuffle(order)
+        expected = [prompts[i] for i in order]
+        samplers = [PromptSampler(prompts, 3, 2, q, 5) for q in range(2)]
+        drawn = [p for step in (2 * epoch, 2 * epoch + 1) for sampler in samplers for p in sampler.batch(step)]
+        assert drawn == expected
+
+
+def test_prompt_sampler_refuses_fewer_prompts_than_a_global_batch():
+    with pytest.raises(ValueError, match="batch_size × num_processes = 4"):
+        PromptSampler(["a", "b", "c"], batch_size=2, num_processes=2)
+    with pytest.raises(ValueError, match="process_index"):
+        PromptSampler(["a", "b"], batch_size=1, num_processes=2, process_index=2)

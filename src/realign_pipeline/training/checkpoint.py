@@ -1,10 +1,15 @@
 """Checkpoints that are either whole or absent, and resuming from the newest one.
 
 A checkpoint is ``accelerate``'s ``save_state`` folder (model or LoRA weights, optimizer, LR
-scheduler, every process's RNG states, registered objects such as the EMA) plus
-``training_state.json`` with the step count. It is written under a temporary name and renamed
-into place with ``os.replace`` once complete, so a run killed mid-write leaves the previous
-checkpoint as the newest; at most one interval of work is lost.
+scheduler, every process's RNG states) plus ``ema.safetensors`` when the run keeps an EMA and
+``training_state.json`` with the step count. Nothing is registered with
+``accelerator.register_for_checkpointing``: accelerate saves such objects as
+``custom_checkpoint_<i>.pkl`` and loads them with ``weights_only=False``, so a planted file would
+run code on resume; the EMA goes to safetensors instead (tensors plus a JSON header, no code).
+
+A checkpoint is written under a temporary name and renamed into place with ``os.replace`` once
+complete, so a run killed mid-write leaves the previous checkpoint as the newest; at most one
+interval of work is lost.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"
+EMA_FILE = "ema.safetensors"
 
 
 def checkpoints_folder(output_dir: str | Path) -> Path:
@@ -50,10 +58,12 @@ def save_checkpoint(
     step: int,
     extra_state: dict[str, Any] | None = None,
     total_limit: int | None = None,
+    ema: Any | None = None,
 ) -> Path:
     """Save the training state at ``step`` atomically; call on every process.
 
-    Keeps the newest ``total_limit`` checkpoints (all when ``None``).
+    ``ema`` (a diffusers ``EMAModel``, identical on every process) is written by the main process as
+    ``ema.safetensors``. Keeps the newest ``total_limit`` checkpoints (all when ``None``).
     """
     root = checkpoints_folder(output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
@@ -66,6 +76,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": step, **(extra_state or {})}
+        if ema is not None:
+            save_ema(ema, temporary / EMA_FILE)
         state_file = temporary / STATE_FILE
         state_file.write_text(json.dumps(state, indent=2) + "\n")
         if final.exists():
@@ -82,11 +94,54 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, folder: str | Path) -> dict[str, Any]:
-    """Restore everything ``save_checkpoint`` saved; returns ``training_state.json`` (with ``step``)."""
+def load_checkpoint(accelerator: Accelerator, folder: str | Path, ema: Any | None = None) -> dict[str, Any]:
+    """Restore everything ``save_checkpoint`` saved (the EMA into ``ema``, on its device); returns
+    ``training_state.json`` (with ``step``)."""
     folder = Path(folder)
+    if ema is not None and not (folder / EMA_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {EMA_FILE}: it was not saved by a run with use_ema (or by an older version, "
+            "which pickled the EMA); resume it with use_ema: false or start afresh."
+        )
     accelerator.load_state(str(folder))
+    if ema is not None:
+        load_ema(ema, folder / EMA_FILE)
     return json.loads((folder / STATE_FILE).read_text())
+
+
+def save_ema(ema: Any, path: str | Path) -> None:
+    """An ``EMAModel``'s state as safetensors: ``shadow_params.<i>`` tensors and its scalar settings
+    (decay, optimization step, ...) as JSON in the file's metadata."""
+    state = dict(ema.state_dict())
+    shadow = state.pop("shadow_params")
+    tensors = {f"shadow_params.{index}": value.detach().cpu().contiguous() for index, value in enumerate(shadow)}
+    save_file(tensors, str(path), metadata={"ema_state": json.dumps(state), "num_shadow_params": str(len(shadow))})
+
+
+def load_ema(ema: Any, path: str | Path) -> None:
+    """Restore what ``save_ema`` wrote into ``ema``, keeping its shadow parameters' devices and dtypes."""
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata() or {}
+        count = int(metadata.get("num_shadow_params", -1))
+        if "ema_state" not in metadata or count != len(ema.shadow_params):
+            raise ValueError(
+                f"{path} holds {count} EMA tensors (or no EMA state) but the model has "
+                f"{len(ema.shadow_params)} trainable parameters."
+            )
+        shadow = [file.get_tensor(f"shadow_params.{index}") for index in range(count)]
+    state = json.loads(metadata["ema_state"])
+    # EMAModel.load_state_dict checks that these are floats; JSON writes 1.0 as 1.0 but a user's 1 as 1.
+    for key in ("decay", "min_decay"):
+        state[key] = float(state[key])
+    for index, (value, old) in enumerate(zip(shadow, ema.shadow_params)):
+        if value.shape != old.shape:
+            raise ValueError(
+                f"{path}: EMA tensor {index} has shape {tuple(value.shape)}, the model's {tuple(old.shape)}."
+            )
+    state["shadow_params"] = [
+        value.to(device=old.device, dtype=old.dtype) for value, old in zip(shadow, ema.shadow_params)
+    ]
+    ema.load_state_dict(state)
 
 
 def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:

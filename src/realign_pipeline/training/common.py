@@ -114,6 +114,15 @@ def predict_x0(
     return x0.to(model_output.dtype)
 
 
+def guided_noise_prediction(
+    noise_uncond: torch.Tensor, noise_cond: torch.Tensor, guidance_scale: float
+) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans, arXiv 2207.12598, Eq. 6, in diffusers' convention):
+    ``ε̂ = ε(x_t, ∅) + w · (ε(x_t, c) − ε(x_t, ∅))`` with ``w`` = ``guidance_scale`` (1: the conditional
+    prediction alone)."""
+    return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+
+
 def guided_noise(
     unet: torch.nn.Module,
     latents: torch.Tensor,
@@ -127,7 +136,7 @@ def guided_noise(
         return unet(latents, timestep, encoder_hidden_states=cond).sample
     output = unet(torch.cat([latents, latents]), timestep, encoder_hidden_states=torch.cat([uncond, cond])).sample
     output_uncond, output_cond = output.chunk(2)
-    return output_uncond + guidance_scale * (output_cond - output_uncond)
+    return guided_noise_prediction(output_uncond, output_cond, guidance_scale)
 
 
 @torch.no_grad()
@@ -258,9 +267,10 @@ def image_grid(images: torch.Tensor, columns: int | None = None) -> PIL.Image.Im
 
 
 def tracker_config(config: TrainConfig) -> dict[str, Any]:
-    """The config flattened for trackers (TensorBoard's hparams take scalars and strings only)."""
+    """The config flattened for trackers (TensorBoard's hparams take scalars and strings only),
+    credentials redacted."""
     flat = {}
-    for key, value in config.to_dict().items():
+    for key, value in config.to_public_dict().items():
         flat[key] = json.dumps(value) if isinstance(value, (list, dict)) or value is None else value
     return flat
 

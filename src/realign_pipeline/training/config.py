@@ -11,6 +11,27 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+# Option names whose values are credentials: api_key, apikey, hf_token, access_token, client_secret,
+# password, ... (whole words between underscores, so max_new_tokens and tokenizer are not matched).
+SECRET_KEY_PATTERN = re.compile(r"(^|_)(api_?key|token|secret|secret_key|password|passwd)($|_)")
+REDACTED = "<redacted>"
+
+
+def is_secret_key(key: object) -> bool:
+    """Whether an option named ``key`` holds a credential (case and ``-``/``_`` insensitive)."""
+    return isinstance(key, str) and SECRET_KEY_PATTERN.search(key.lower().replace("-", "_")) is not None
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of ``value`` (nested dicts, lists, tuples) with every credential-named key's value
+    replaced by ``"<redacted>"``: what is written to ``training_summary.json``, ``config.json``
+    and the trackers' hyperparameters, so an ``api_key`` in a reward's options never lands there."""
+    if isinstance(value, Mapping):
+        return {key: REDACTED if is_secret_key(key) else redact_secrets(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_secrets(item) for item in value]
+    return value
+
 
 def _default_rewards() -> list[dict[str, Any]]:
     return [{"name": "concept_matching", "model": "Salesforce/blip-image-captioning-base", "weight": 1.0}]
@@ -142,8 +163,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_public_dict(self) -> dict[str, Any]:
+        """``to_dict()`` with credentials (``api_key``, ``token``, ...) redacted: for files and trackers."""
+        return redact_secrets(self.to_dict())
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the config as JSON, credentials redacted (pass keys through the environment instead)."""
+        Path(path).write_text(json.dumps(self.to_public_dict(), indent=2) + "\n")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

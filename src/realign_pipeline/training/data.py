@@ -36,38 +36,48 @@ class PromptSampler:
     """Which prompts a process trains on at a given micro-step: a pure function of the step.
 
     Each epoch is a fresh permutation of the prompts (seeded by ``seed`` and the epoch), cut into
-    global batches of ``batch_size × num_processes``; process ``p`` takes the ``p``-th slice. No
-    iterator state means resuming at step ``s`` sees exactly the prompts an uninterrupted run
-    would, and different processes never share a prompt within a batch.
+    whole global batches of ``batch_size × num_processes``; process ``p`` takes the ``p``-th slice.
+    The last ``len(prompts) mod (batch_size × num_processes)`` prompts of each permutation are left
+    out of that epoch (``drop_last``, a different few each epoch): a global batch never straddles
+    two epochs, so different processes never share a prompt within a batch, and no prompt repeats
+    within one. No iterator state means resuming at step ``s`` sees exactly the prompts an
+    uninterrupted run would.
     """
 
     def __init__(
         self, prompts: Sequence[str], batch_size: int, num_processes: int = 1, process_index: int = 0, seed: int = 0
     ) -> None:
-        if not prompts:
-            raise ValueError("PromptSampler needs at least one prompt.")
+        if batch_size < 1 or num_processes < 1:
+            raise ValueError(f"batch_size and num_processes must be ≥ 1, not {batch_size} and {num_processes}.")
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index must be in [0, {num_processes}), not {process_index}.")
+        global_size = batch_size * num_processes
+        if len(prompts) < global_size:
+            raise ValueError(
+                f"PromptSampler needs at least batch_size × num_processes = {global_size} prompts (one global "
+                f"batch without a repeat), not {len(prompts)}: lower train_batch_size or add prompts."
+            )
         self.prompts = list(prompts)
         self.batch_size = batch_size
         self.num_processes = num_processes
         self.process_index = process_index
         self.seed = seed
+        self.batches_per_epoch = len(self.prompts) // global_size
         self._orders: dict[int, list[int]] = {}
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             order = list(range(len(self.prompts)))
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            self._orders = {epoch: order}  # a batch spans at most two epochs; keep memory flat
+            self._orders = {epoch: order}  # one epoch at a time; keep memory flat
         return self._orders[epoch]
 
     def batch(self, micro_step: int) -> list[str]:
+        epoch, batch_index = divmod(micro_step, self.batches_per_epoch)
         global_size = self.batch_size * self.num_processes
-        first = micro_step * global_size + self.process_index * self.batch_size
-        picked = []
-        for position in range(first, first + self.batch_size):
-            epoch, offset = divmod(position, len(self.prompts))
-            picked.append(self.prompts[self._order(epoch)[offset]])
-        return picked
+        first = batch_index * global_size + self.process_index * self.batch_size
+        order = self._order(epoch)
+        return [self.prompts[order[position]] for position in range(first, first + self.batch_size)]
 
 
 def step_generator(seed: int, *parts: int, device: torch.device | str = "cpu") -> torch.Generator:

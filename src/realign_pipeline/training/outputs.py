@@ -177,6 +177,30 @@ def full_precision_unet(config: TrainConfig, unet: torch.nn.Module, dtype: torch
     return base
 
 
+def export_unet(
+    config: TrainConfig,
+    accelerator: Accelerator,
+    prepared_unet: torch.nn.Module,
+    unet: torch.nn.Module,
+    dtype: torch.dtype,
+    folder: str | Path,
+) -> Path | None:
+    """Save the trained UNet to ``folder`` (diffusers format); call on every process, the main one writes.
+
+    A full fine-tune is exported from ``accelerator.get_state_dict(prepared_unet)``: under DeepSpeed
+    ZeRO-3 or FSDP each process holds only a shard of every parameter, and only that call gathers
+    the whole weights (a collective, hence on every process). A LoRA run merges its adapter from the
+    unwrapped ``unet``, which is whole under DDP and ZeRO-1/2 (docs/training.md: not ZeRO-3/FSDP).
+    Returns the folder on the main process, None elsewhere.
+    """
+    state_dict = None if config.use_lora else accelerator.get_state_dict(prepared_unet)
+    if not accelerator.is_main_process:
+        return None
+    if state_dict is not None:
+        return save_unet(unet, folder, state_dict=state_dict)
+    return save_unet(full_precision_unet(config, unet, dtype), folder)
+
+
 def finish_run(
     config: TrainConfig,
     accelerator: Accelerator,
@@ -189,25 +213,29 @@ def finish_run(
     history: dict[str, Any],
     prompts: list[str],
     extra_summary: dict[str, Any] | None = None,
+    prepared_unet: torch.nn.Module | None = None,
 ) -> TrainResult:
     """After the last step: validate, save ``unet/`` (merged) and ``lora/``, write the summary.
 
-    The summary records every process's weight fingerprint: under data parallelism they must be
-    identical, and a difference means the processes drifted apart.
+    ``unet`` is the unwrapped model, ``prepared_unet`` what ``accelerator.prepare`` returned (default:
+    ``unet``), from which ``export_unet`` gathers sharded weights. The summary records every
+    process's weight fingerprint: under data parallelism they must be identical, and a difference
+    means the processes drifted apart. Credentials in the config are redacted in what is written.
     """
     output_dir = Path(config.output_dir)
     fingerprints = accelerator.gather(weight_fingerprint(unet).to(accelerator.device)[None]).cpu().tolist()
     if finished:
         validate(config, components, unet, reward, accelerator, dtype, "after", global_step)
+        prepared = prepared_unet if prepared_unet is not None else unet
+        export_unet(config, accelerator, prepared, unet, dtype, output_dir / "unet")
         if accelerator.is_main_process:
-            save_unet(full_precision_unet(config, unet, dtype), output_dir / "unet")
             if config.use_lora and config.save_lora_adapter:
                 save_lora_adapter(unet, output_dir / "lora")
             # A run restarted before its first checkpoint validates "before" again: keep the last of each.
             latest = {row["tag"]: row for row in read_validation_log(output_dir)}
             summary = {
                 "method": config.method,
-                "config": config.to_dict(),
+                "config": config.to_public_dict(),
                 "num_prompts": len(prompts),
                 "global_step": global_step,
                 "num_processes": accelerator.num_processes,

@@ -39,6 +39,7 @@ from .common import (
     denoising_loss,
     encode_images,
     encode_prompts,
+    guided_noise_prediction,
     initial_latents,
     load_components,
     make_optimizer_and_scheduler,
@@ -54,6 +55,21 @@ from .data import CaptionedImages, PromptSampler, read_prompts, step_generator
 from .outputs import TrainResult, finish_run, make_accelerator, prepare_regularizer, validate
 
 logger = logging.getLogger(__name__)
+
+
+def draw_refl_step(step_range: tuple[int, int] | list[int], generator: torch.Generator) -> int:
+    """The denoising step that takes the gradient, drawn uniformly from ``[start, end)`` (0-based indices of
+    the sampler's steps): ImageReward (arXiv 2304.05977) Algorithm 1, ``t ← rand(T1, T2)``."""
+    start, end = step_range
+    if not 0 <= start < end:
+        raise ValueError(f"refl_step_range must be [start, end) with 0 <= start < end, not {list(step_range)}.")
+    return int(torch.randint(start, end, (1,), generator=generator))
+
+
+def reward_feedback_loss(scores: torch.Tensor, threshold: float, weight: float) -> torch.Tensor:
+    """ReFL's reward term, ImageReward Eq. (4) with ReLU: ``λ · mean(relu(α − r))``; scores above ``α``
+    (``threshold``) contribute nothing, ``λ`` is ``weight``."""
+    return weight * F.relu(threshold - scores).mean()
 
 
 def refl_loss(
@@ -77,8 +93,7 @@ def refl_loss(
     """
     sampler = components.sampler
     sampler.set_timesteps(config.num_inference_steps, device=device)
-    start, end = config.refl_step_range
-    grad_index = int(torch.randint(start, end, (1,), generator=generator))
+    grad_index = draw_refl_step(config.refl_step_range, generator)
     batch_size = len(prompts)
     use_cfg = config.guidance_scale > 1.0
 
@@ -119,14 +134,14 @@ def refl_loss(
     reward_part = output[: (2 if use_cfg else 1) * batch_size]
     if use_cfg:
         output_uncond, output_cond = reward_part.chunk(2)
-        guided = output_uncond + config.guidance_scale * (output_cond - output_uncond)
+        guided = guided_noise_prediction(output_uncond, output_cond, config.guidance_scale)
     else:
         guided = reward_part
     x0 = predict_x0(sampler, latents, guided, t.expand(batch_size))
     images = decode_latents(components.vae, x0)
     scores, _ = reward(images, prompts)
     scores = scores.to(device).float()
-    reward_loss = config.reward_loss_weight * F.relu(config.reward_threshold - scores).mean()
+    reward_loss = reward_feedback_loss(scores, config.reward_threshold, config.reward_loss_weight)
 
     loss = reward_loss
     logs = {"reward": scores.mean().item(), "reward_loss": reward_loss.item(), "refl_step": float(grad_index)}
@@ -191,8 +206,9 @@ def train_refl(config: TrainConfig, reward: Reward | None = None) -> TrainResult
     ema = EMAModel(parameters, decay=config.ema_decay) if config.use_ema else None
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema is not None:
+        # Not accelerator.register_for_checkpointing(ema): accelerate would unpickle it on resume
+        # (weights_only=False); save_checkpoint / load_checkpoint keep it as safetensors.
         ema.to(device)
-        accelerator.register_for_checkpointing(ema)
     if config.use_lora:
         register_lora_checkpoint_hooks(accelerator)
     sampling_unet = accelerator.unwrap_model(unet)
@@ -201,7 +217,7 @@ def train_refl(config: TrainConfig, reward: Reward | None = None) -> TrainResult
     global_step = 0
     checkpoint = resolve_resume(config.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
-        global_step = load_checkpoint(accelerator, checkpoint)["step"]
+        global_step = load_checkpoint(accelerator, checkpoint, ema=ema)["step"]
         logger.info(f"Resumed from {checkpoint} at step {global_step}.")
 
     if accelerator.is_main_process:
@@ -255,7 +271,7 @@ def train_refl(config: TrainConfig, reward: Reward | None = None) -> TrainResult
             progress.set_postfix(reward=f"{logs['reward']:.4f}", loss=f"{logs['loss']:.4g}")
             if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
                 save_checkpoint(
-                    accelerator, output_dir, global_step, {"method": "refl"}, config.checkpoints_total_limit
+                    accelerator, output_dir, global_step, {"method": "refl"}, config.checkpoints_total_limit, ema=ema
                 )
             if config.validation_steps and global_step % config.validation_steps == 0:
                 with _ema_weights(ema, parameters):
@@ -267,7 +283,17 @@ def train_refl(config: TrainConfig, reward: Reward | None = None) -> TrainResult
     if finished and ema is not None:
         ema.copy_to(parameters)
     return finish_run(
-        config, accelerator, components, sampling_unet, reward, weight_dtype, global_step, finished, history, prompts
+        config,
+        accelerator,
+        components,
+        sampling_unet,
+        reward,
+        weight_dtype,
+        global_step,
+        finished,
+        history,
+        prompts,
+        prepared_unet=unet,
     )
 
 

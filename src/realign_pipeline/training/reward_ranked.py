@@ -270,4 +270,5 @@ def train_reward_ranked(config: TrainConfig, reward: Reward | None = None) -> Tr
         {"best_round": best_round, "best_score": best_score, "rounds": rounds},
         prompts,
         extra_summary={"best_round": best_round, "best_validation_reward": best_score},
+        prepared_unet=unet,
     )
