@@ -4,6 +4,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from realign_pipeline import cli
 from realign_pipeline.cli import build_parser, main, read_prompts
 
 
@@ -84,3 +85,49 @@ def test_generate_with_grounding_sam_by_name(toy_pipeline_folder, tmp_path):
     records = json.loads((out / "layouts.json").read_text())
     sources = {region["source"] for region in records[0]["regions"]}
     assert sources <= {"grounding-dino+sam", "attention"} and "grounding-dino+sam" in sources
+
+
+GENERATE = ["generate", "--model", "some/model", "--prompt", "a red book", "--captioner", "openai"]
+
+
+def test_llm_timeout_and_retries_flags_are_parsed_with_defaults():
+    args = build_parser().parse_args(GENERATE + ["--llm-timeout", "2.5", "--llm-max-retries", "0"])
+    assert (args.llm_timeout, args.llm_max_retries) == (2.5, 0)
+    args = build_parser().parse_args(GENERATE)
+    assert (args.llm_timeout, args.llm_max_retries) == (60.0, 4)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--llm-timeout", "0", "must be a finite number > 0, got '0'"),
+        ("--llm-timeout", "-3", "must be a finite number >= 0, got '-3'"),
+        ("--llm-timeout", "inf", "must be a finite number >= 0, got 'inf'"),
+        ("--llm-timeout", "soon", "must be a number, got 'soon'"),
+        ("--llm-max-retries", "-1", "must be an integer >= 0, got -1"),
+        ("--llm-max-retries", "1.5", "must be an integer >= 0, got '1.5'"),
+    ],
+)
+def test_llm_timeout_and_retries_flags_are_validated(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(GENERATE + [flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_generate_passes_the_llm_flags_to_load_captioner(monkeypatch):
+    received = {}
+
+    class Stop(Exception):
+        pass
+
+    def recording_load_captioner(name, **options):
+        received.update(options, name=name)
+        raise Stop  # before any model loads
+
+    monkeypatch.setattr(cli, "load_captioner", recording_load_captioner)
+    with pytest.raises(Stop):
+        main(GENERATE + ["--llm-timeout", "7.5", "--llm-max-retries", "2", "--llm-base-url", "http://127.0.0.1:9/v1"])
+    assert received["name"] == "openai"
+    assert (received["timeout"], received["max_retries"]) == (7.5, 2)
+    assert received["base_url"] == "http://127.0.0.1:9/v1"

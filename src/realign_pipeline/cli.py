@@ -13,6 +13,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from .llm.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 from .preprocessors import CAPTIONER_NAMES, GROUNDER_NAMES, load_captioner, load_grounder
 from .shapes.data import EVAL_PROMPTS_PER_CATEGORY
 from .shapes.evaluate import CONFIGURATION_NAMES, FINETUNED_UNETS, SPLITS
@@ -53,6 +54,18 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-captioner", default=None, help="BLIP/BLIP-2 checkpoint shown to the LLM captioner")
     parser.add_argument("--llm-model", default=None, help="LLM model name (default: $REALIGN_LLM_MODEL)")
     parser.add_argument("--llm-base-url", default=None, help="OpenAI-compatible server (default: $OPENAI_BASE_URL)")
+    parser.add_argument(
+        "--llm-timeout",
+        type=positive_float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds per LLM request in all, however slowly the server answers (default {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--llm-max-retries",
+        type=non_negative_int,
+        default=DEFAULT_MAX_RETRIES,
+        help=f"retries of an LLM request that timed out or failed transiently (default {DEFAULT_MAX_RETRIES})",
+    )
     parser.add_argument(
         "--grounder", choices=GROUNDER_NAMES, default="attention", help="mask source (default attention)"
     )
@@ -117,6 +130,8 @@ def run_generate(args: argparse.Namespace) -> None:
         image_captioner=args.image_captioner,
         model=args.llm_model,
         base_url=args.llm_base_url,
+        timeout=args.llm_timeout,
+        max_retries=args.llm_max_retries,
     )
     grounder = load_grounder(
         args.grounder,
@@ -241,6 +256,25 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
 
 

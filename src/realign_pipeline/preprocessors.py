@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .llm.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, check_timeout_and_retries
 from .pipeline_realign_diff import DenseCaptioner, Grounder, PromptPhraseCaptioner
 
 CAPTIONER_NAMES = ("rule", "openai")
@@ -31,6 +32,8 @@ def load_captioner(
     base_url: str | None = None,
     api_key: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_retries: int = DEFAULT_MAX_RETRIES,
 ) -> DenseCaptioner:
     """A dense captioner by name.
 
@@ -41,6 +44,9 @@ def load_captioner(
         image_captioner: a BLIP or BLIP-2 checkpoint whose caption and tags are shown to the LLM.
         model, base_url, api_key: the LLM server (environment variables as fallback: see docs/captioners.md).
         cache_dir: where LLM answers are cached on disk.
+        timeout: seconds per LLM request, in all (a server that answers slowly is cut off), > 0.
+        max_retries: retries of a request that timed out or failed transiently (HTTP 408/409/429/5xx), >= 0.
+            When the last one fails, the captioner warns and uses the rule-based captions.
     """
     if name == "rule":
         return PromptPhraseCaptioner()
@@ -48,7 +54,16 @@ def load_captioner(
         from .captioners import BlipImageCaptioner, LLMDenseCaptioner
         from .llm import JsonChatClient
 
-        client = JsonChatClient(model=model, base_url=base_url, api_key=api_key, cache_dir=cache_dir)
+        # Checked before any model loads: a bad value costs nothing.
+        check_timeout_and_retries(timeout, max_retries)
+        client = JsonChatClient(
+            model=model,
+            base_url=base_url,
+            api_key=api_key,
+            cache_dir=cache_dir,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
         describer = None
         if image_captioner is not None:
             describer = BlipImageCaptioner.from_pretrained(image_captioner, device=device, dtype=dtype)

@@ -1,6 +1,7 @@
 """LLMDenseCaptioner against a real HTTP server (tests/servers/openai_stub.py), through the real openai client."""
 
 import logging
+import time
 import warnings
 
 import openai
@@ -16,7 +17,7 @@ from realign_pipeline.captioners import (
 )
 from realign_pipeline.llm import JsonChatClient
 
-from ..servers.openai_stub import STUB_API_KEY, OpenAIStub, chat_reply, error_reply, slow_reply
+from ..servers.openai_stub import STUB_API_KEY, OpenAIStub, chat_reply, error_reply, slow_reply, trickle_reply
 
 PROMPT = "a red book and a yellow vase on a wooden table"
 GOOD = {
@@ -180,6 +181,27 @@ def test_configuration_errors_are_raised_not_hidden(openai_stub, tmp_path, image
         LLMDenseCaptioner(client)(image, PROMPT)
     assert len(openai_stub.requests) == 1
     assert "sk-not-the-right-one" not in str(error.value) + caplog.text
+
+
+def test_an_unknown_model_is_raised_after_one_request(openai_stub, tmp_path, image):
+    message = "The model `stub-model` does not exist or you do not have access to it."
+    openai_stub.push(error_reply(400, message, code="model_not_found"))
+    client = make_client(openai_stub, tmp_path)
+    with pytest.raises(openai.BadRequestError, match=message):
+        LLMDenseCaptioner(client)(image, PROMPT)
+    assert [r.response_format for r in openai_stub.requests] == ["json_schema"]
+    assert client.accepted_response_format is None
+
+
+def test_a_trickling_server_is_cut_off_and_falls_back(openai_stub, tmp_path, image):
+    openai_stub.push(trickle_reply(0.1), trickle_reply(0.1))
+    client = make_client(openai_stub, tmp_path, timeout=0.5, max_retries=1)
+    start = time.monotonic()
+    with pytest.warns(LLMFallbackWarning, match=r"the server failed \(timeout\)"):
+        captions = LLMDenseCaptioner(client)(image, PROMPT)
+    assert 1.0 <= time.monotonic() - start < 1.0 + 0.8  # two attempts of 0.5 s, a 0.01 s backoff, a margin
+    assert [c.text for c in captions] == RULE_BASED
+    assert len(openai_stub.requests) == 2
 
 
 def test_custom_template(openai_stub, tmp_path, image):
