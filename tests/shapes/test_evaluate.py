@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from realign_pipeline.cli import BUILTIN_WORLD, main
 from realign_pipeline.shapes.data import (
@@ -25,14 +26,21 @@ from realign_pipeline.shapes.evaluate import (
     CategoryResult,
     ConfigurationResult,
     EvalConfiguration,
+    EvalSettings,
+    category_result,
     check_world,
     format_criteria_table,
     format_table,
+    initial_noise,
+    latent_shape,
+    load_pipeline,
+    run_configuration,
     run_evaluation,
     select_configurations,
     true_mask_regions,
     wilson_interval,
 )
+from realign_pipeline.shapes.judge import Detection, evaluate
 
 Z = 1.96
 # The pipeline's parts; the captioner, samples and model card are not needed to generate.
@@ -265,3 +273,151 @@ def test_world_without_a_pipeline_and_repeated_configurations_are_refused(tmp_pa
         main(["eval", "--world", str(tmp_path), "--output", str(tmp_path / "eval")])
     with pytest.raises(SystemExit, match="--configurations.*more than once"):
         main(["eval", "--configurations", "base", "base", "--output", str(tmp_path / "eval")])
+
+
+def test_wilson_interval_with_another_z():
+    # 3 of 4 at z = 1: centre (0.75 + 1/8) / 1.25 = 0.7, half-width 0.8 * sqrt(3/64 + 1/64) = 0.2.
+    assert wilson_interval(3, 4, z=1.0) == pytest.approx((0.5, 0.9), abs=1e-12)
+
+
+def found(colour: str, shape: str, x: float, y: float) -> Detection:
+    """A hand-made detection: only colour, shape and centre matter to the verdict."""
+    x0, y0 = int(x) - 8, int(y) - 8
+    return Detection(colour, shape, (x0, y0, x0 + 16, y0 + 16), 200, (x, y), np.zeros((64, 64), dtype=bool))
+
+
+COUNT_PROMPT = "two red circles and a blue square"
+RELATION_PROMPT = "a red circle on the left of a blue square"
+# (detections, (objects present, binding, count, passed)) for hand-made images of COUNT_PROMPT.
+COUNT_CASES = [
+    ([found("red", "circle", 10, 10), found("red", "circle", 30, 10), found("blue", "square", 50, 50)], (1, 1, 1, 1)),
+    # every pairing is there (binding right) but a red circle is missing: the count is wrong, so no pass
+    ([found("red", "circle", 10, 10), found("blue", "square", 50, 50)], (0, 1, 0, 0)),
+    # everything asked for, and a green triangle nobody asked for
+    (
+        [
+            found("red", "circle", 10, 10),
+            found("red", "circle", 30, 10),
+            found("blue", "square", 50, 50),
+            found("green", "triangle", 50, 10),
+        ],
+        (1, 1, 0, 0),
+    ),
+    # the right shapes in the wrong colours: present, but not bound
+    ([found("blue", "circle", 10, 10), found("blue", "circle", 30, 10), found("red", "square", 50, 50)], (1, 0, 0, 0)),
+]
+
+
+def test_only_an_image_that_passes_every_check_passes():
+    verdicts = [evaluate(detections, parse_prompt(COUNT_PROMPT), COUNT_PROMPT) for detections, _ in COUNT_CASES]
+    for verdict, (_, (present, binding, count, passed)) in zip(verdicts, COUNT_CASES):
+        assert (verdict.objects_present, verdict.binding_correct, verdict.count_correct) == (present, binding, count)
+        assert verdict.passed == bool(passed) and verdict.relation_correct is None
+    assert [v.passed for v in verdicts] == [True, False, False, False]
+
+    result = category_result("count", verdicts, seconds=2.0)
+    assert (result.n, result.passed, result.objects_present, result.binding_correct, result.count_correct) == (
+        4,
+        1,
+        3,
+        3,
+        1,
+    )
+    assert result.relation_correct is None
+    row = result.as_dict()
+    assert row["accuracy"] == 0.25 and row["ci95"] == list(wilson_interval(1, 4))
+    assert (row["objects_present_rate"], row["binding_correct_rate"], row["count_correct_rate"]) == (0.75, 0.75, 0.25)
+    assert row["seconds_per_image"] == 0.5 and row["relation_correct_rate"] is None
+    assert [record["passed"] for record in row["records"]] == [True, False, False, False]
+    assert row["records"][1]["reasons"] == [
+        "shapes found {'circle': 1, 'square': 1, 'triangle': 0}, needed {'circle': 2, 'square': 1, 'triangle': 0}",
+        "counts red circle: 1/2, blue square: 1/1",
+    ]
+
+
+def test_a_wrong_relation_fails_an_otherwise_right_image():
+    spec = parse_prompt(RELATION_PROMPT)
+    right = evaluate([found("red", "circle", 10, 32), found("blue", "square", 50, 32)], spec, RELATION_PROMPT)
+    swapped = evaluate([found("red", "circle", 50, 32), found("blue", "square", 10, 32)], spec, RELATION_PROMPT)
+    assert (right.relation_correct, right.passed) == (True, True)
+    assert (swapped.objects_present, swapped.binding_correct, swapped.count_correct) == (True, True, True)
+    assert (swapped.relation_correct, swapped.passed) == (False, False)
+    result = category_result("relation", [right, swapped, swapped], seconds=3.0)
+    assert (result.n, result.passed, result.binding_correct, result.count_correct, result.relation_correct) == (
+        3,
+        1,
+        3,
+        3,
+        1,
+    )
+    assert result.as_dict()["relation_correct_rate"] == pytest.approx(1 / 3)
+
+
+def test_category_result_refuses_mismatched_inputs():
+    verdict = evaluate([], parse_prompt(COUNT_PROMPT), COUNT_PROMPT)
+    with pytest.raises(ValueError, match="no verdicts"):
+        category_result("count", [], 1.0)
+    with pytest.raises(ValueError, match="2 layouts for 1 verdicts"):
+        category_result("count", [verdict], 1.0, [None, None])
+
+
+def test_initial_noise_depends_on_the_prompt_alone():
+    shape = (4, 16, 16)
+    a = initial_noise(0, 1, 2, shape)
+    assert a.shape == shape and torch.equal(a, initial_noise(0, 1, 2, shape))
+    others = [initial_noise(1, 1, 2, shape), initial_noise(0, 2, 2, shape), initial_noise(0, 1, 3, shape)]
+    assert all(not torch.allclose(a, other) for other in others)
+    assert abs(a.mean().item()) < 0.15 and abs(a.std().item() - 1) < 0.1  # standard normal, 1024 draws
+
+
+class SpyPipeline:
+    """The real pipeline, recording the prompts and initial latents of every call."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.calls: list[tuple[list[str], torch.Tensor, dict]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, prompts, **kwargs):
+        self.calls.append((list(prompts), kwargs["latents"].clone(), kwargs))
+        return self.pipe(prompts, **kwargs)
+
+    def latents_by_prompt(self) -> dict[str, torch.Tensor]:
+        return {prompt: latents[k] for prompts, latents, _ in self.calls for k, prompt in enumerate(prompts)}
+
+
+@pytest.fixture(scope="module")
+def world_pipe():
+    return load_pipeline(BUILTIN_WORLD)
+
+
+def test_every_configuration_starts_each_prompt_from_the_same_noise(world_pipe):
+    prompt_sets = {"binding": ["a red circle and a blue square", "a green triangle and a white circle"]}
+    prompt_sets["count"] = ["two red circles"]
+    runs = {}
+    for name, batch_size in [("base", 2), ("reweight-true-masks", 1), ("reweight-attention", 2), ("base", 1)]:
+        spy = SpyPipeline(world_pipe)
+        settings = EvalSettings(num_inference_steps=1, batch_size=batch_size, seed=3)
+        result = run_configuration(spy, select_configurations([name])[0], prompt_sets, settings)
+        runs[(name, batch_size)] = spy, result
+    reference = runs[("base", 2)][0].latents_by_prompt()
+    prompts = [p for group in prompt_sets.values() for p in group]
+    assert list(reference) == prompts
+    assert reference[prompts[0]].shape == latent_shape(world_pipe) == (4, 16, 16)
+    for spy, _ in runs.values():
+        latents = spy.latents_by_prompt()
+        assert all(torch.equal(latents[prompt], reference[prompt]) for prompt in prompts)
+        assert all()
+    # Different prompts start from different noise, and the noise is initial_noise(seed, category, index).
+    assert not torch.allclose(reference[prompts[0]], reference[prompts[1]])
+    assert torch.equal(reference[prompts[2]], initial_noise(3, 1, 0, (4, 16, 16)))
+    # The pipeline draws from the latents it was handed: the same prompt gives the same image in any batching.
+    image = np.asarray(runs[("base", 2)][1].samples["binding"][1][0], dtype=np.int16)
+    alone = np.asarray(runs[("base", 1)][1].samples["binding"][1][0], dtype=np.int16)
+    assert np.abs(image - alone).max() <= 1
+    # The rows differ only by what they configure: re-weighting, and the true masks' regions (one list per prompt).
+    true_masks = [kwargs for *_, kwargs in runs[("reweight-true-masks", 1)][0].calls]
+    assert all(kwargs["realign"] is True and len(kwargs["regions"]) == 1 for kwargs in true_masks)
+    assert all(kwargs["realign"] is False and kwargs["regions"] is None for *_, kwargs in runs[("base", 2)][0].calls)

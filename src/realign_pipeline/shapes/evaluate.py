@@ -8,8 +8,13 @@ layout that satisfies the prompt (the upper bound on mask quality). Each column 
 of held-out (or seen) evaluation prompts, scored by the rule-based judge: accuracy is
 the share of images that pass every check, with a 95% Wilson score interval.
 
-Every configuration draws the same prompts from the same initial noise (the generator of a
-batch is seeded with ``seed + batch_index``), so rows differ only by what they configure.
+Every configuration draws the same prompts from the same initial noise: each prompt's initial latents
+are drawn from a generator seeded by ``(seed, category, prompt index)`` alone (``initial_noise``) and
+handed to the pipeline as ``latents``, so they depend neither on the configuration nor on the batching,
+and rows differ only by what they configure.
+
+Held-out means held out: the ``held_out`` and ``seen`` splits are the final tables' prompts and nothing
+else in the project reads them; choices (weights, settings) are made on the ``development`` splits.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from ..pipeline_realign_diff import Layout, RealignDiffPipeline
 from .data import (
     EVAL_CATEGORIES,
     EVAL_PROMPTS_PER_CATEGORY,
+    PROMPT_SPLITS,
     evaluation_prompts,
     phrase_for,
     render_scene,
@@ -48,7 +54,8 @@ BASE_UNET = "unet"
 FINETUNED_UNETS: tuple[str, ...] = ("unet-refl", "unet-ranked")
 FINETUNE_COMMAND = "python -m realign_pipeline.shapes.finetune"
 MASK_SOURCES: tuple[str, ...] = ("attention", "grounder", "true")
-SPLITS: tuple[str, ...] = ("held_out", "seen")
+# The final tables use the evaluation splits ("held_out", "seen"); the development splits are for choosing settings.
+SPLITS: tuple[str, ...] = PROMPT_SPLITS
 DEFAULT_BATCH_SIZE = 16
 CONTACT_SHEET_COLUMNS = 8
 RESULTS_FILE = "results.json"
@@ -349,6 +356,48 @@ def _record(verdict: Verdict, layout: Layout | None) -> dict:
     return record
 
 
+def initial_noise(seed: int, category_position: int, index: int, shape: Sequence[int]) -> torch.Tensor:
+    """The initial latents (before the scheduler's ``init_noise_sigma``) of prompt ``index`` of the category at
+    ``category_position``: standard normal noise of ``shape`` from a generator seeded by the three numbers alone,
+    so every configuration, batch size and device starts that prompt from the same point."""
+    generator_seed = int(np.random.SeedSequence([seed, category_position, index]).generate_state(1, np.uint64)[0])
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(generator_seed))
+
+
+def latent_shape(pipe: RealignDiffPipeline) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of one image's latents at the pipeline's default resolution."""
+    size = pipe.unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return pipe.unet.config.in_channels, height, width
+
+
+def category_result(
+    category: str,
+    verdicts: Sequence[Verdict],
+    seconds: float,
+    layouts: Sequence[Layout | None] | None = None,
+) -> CategoryResult:
+    """Count the judge's verdicts of one category: an image passes only if its verdict passes every check
+    (objects present, binding, exact counts with nothing extra, the relation where there is one)."""
+    if not verdicts:
+        raise ValueError(f"category {category!r}: no verdicts to count")
+    layouts = [None] * len(verdicts) if layouts is None else list(layouts)
+    if len(layouts) != len(verdicts):
+        raise ValueError(f"category {category!r}: {len(layouts)} layouts for {len(verdicts)} verdicts")
+    has_relation = any(verdict.relation_correct is not None for verdict in verdicts)
+    return CategoryResult(
+        category=category,
+        n=len(verdicts),
+        passed=sum(v.passed for v in verdicts),
+        objects_present=sum(v.objects_present for v in verdicts),
+        binding_correct=sum(v.binding_correct for v in verdicts),
+        count_correct=sum(v.count_correct for v in verdicts),
+        relation_correct=sum(bool(v.relation_correct) for v in verdicts) if has_relation else None,
+        seconds=seconds,
+        records=[_record(verdict, layout) for verdict, layout in zip(verdicts, layouts)],
+    )
+
+
 def run_configuration(
     pipe: RealignDiffPipeline,
     configuration: EvalConfiguration,
@@ -358,10 +407,12 @@ def run_configuration(
 ) -> ConfigurationResult:
     """Generate every prompt with ``configuration`` (``pipe`` must hold its UNet) and judge the images.
 
-    Batch ``b`` (counted over all categories, in order) draws its initial noise from
-    ``torch.Generator().manual_seed(settings.seed + b)``: the same noise for the same prompt in
-    every configuration. ``on_batch`` is called after each batch (for a progress bar).
+    Each prompt starts from ``initial_noise(settings.seed, category position, prompt index)``: the same
+    noise for the same prompt in every configuration, whatever the batching; any other randomness of a
+    batch ``b`` (counted over all categories) comes from ``torch.Generator().manual_seed(settings.seed + b)``.
+    ``on_batch`` is called after each batch (for a progress bar).
     """
+    shape = latent_shape(pipe)
     images_by_category: dict[str, list[PIL.Image.Image]] = {category: [] for category in prompt_sets}
     layouts_by_category: dict[str, list[Layout | None]] = {category: [] for category in prompt_sets}
     seconds = dict.fromkeys(prompt_sets, 0.0)
@@ -374,9 +425,13 @@ def run_configuration(
                 true_mask_regions(prompt, np.random.default_rng([settings.seed, position, start + offset]))
                 for offset, prompt in enumerate(prompts)
             ]
+        latents = torch.stack(
+            [initial_noise(settings.seed, position, start + offset, shape) for offset in range(len(prompts))]
+        )
         started = time.perf_counter()
         output = pipe(
             prompts,
+            latents=latents.to(settings.device),
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
             generator=torch.Generator().manual_seed(settings.seed + batch_index),
@@ -395,18 +450,7 @@ def run_configuration(
     samples: dict[str, list[tuple[PIL.Image.Image, bool]]] = {}
     for category, prompts in prompt_sets.items():
         verdicts = [judge(image, prompt) for image, prompt in zip(images_by_category[category], prompts)]
-        has_relation = any(verdict.relation_correct is not None for verdict in verdicts)
-        categories[category] = CategoryResult(
-            category=category,
-            n=len(verdicts),
-            passed=sum(v.passed for v in verdicts),
-            objects_present=sum(v.objects_present for v in verdicts),
-            binding_correct=sum(v.binding_correct for v in verdicts),
-            count_correct=sum(v.count_correct for v in verdicts),
-            relation_correct=sum(bool(v.relation_correct) for v in verdicts) if has_relation else None,
-            seconds=seconds[category],
-            records=[_record(verdict, layout) for verdict, layout in zip(verdicts, layouts_by_category[category])],
-        )
+        categories[category] = category_result(category, verdicts, seconds[category], layouts_by_category[category])
         samples[category] = [
             (image, verdict.passed)
             for image, verdict in zip(images_by_category[category][:CONTACT_SHEET_COLUMNS], verdicts)
