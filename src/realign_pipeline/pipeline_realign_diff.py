@@ -196,26 +196,102 @@ class PromptPhraseCaptioner:
     """Local captions read off the prompt itself: its noun phrases ("a red book", "a yellow vase").
 
     RealignDiff asks an LLM for local captions; this rule-based captioner needs no model and is
-    what a user with only diffusers gets. A phrase starts at a determiner and runs until a word
-    that joins phrases (a preposition, a verb such as "is", "and" followed by a new determiner,
-    punctuation). "and" between adjectives ("black and white cat") stays inside the phrase.
+    what a user with only diffusers gets. A phrase starts at a determiner (or, after "and", "with",
+    a comma or a verb, at a bare noun: "... eating grass") and runs until a word that joins phrases:
+    a preposition, "and" followed by a new determiner, punctuation, or a verb. "and" between
+    adjectives ("black and white cat") and "of" inside an object ("a cup of coffee") stay inside.
+
+    A closed list cannot hold every verb, so verbs are recognised by where they stand, which is how
+    a reader parses a prompt: once a phrase has its head noun (a word that is neither a determiner
+    nor a known adjective), a following word is a verb if it ends in -ing ("a boy kicking"), in -ed
+    ("a car parked"), in -s after a singular determiner ("a chef cooks": "a" cannot take a plural
+    noun), or is a form of a common verb ("the cat sleeps", "two dogs play", "the cat lay").
+    "left"/"right" after a head noun ("a triangle left of a circle") also end a phrase. Known
+    limits: a compound noun ending in -ing/-ed/-s after a singular determiner ("an office
+    building" is kept by an exception list, "a city parks" is not English anyway).
     """
 
     determiners = frozenset(
-        "a an the this that these those some one two three four five his her its their my our".split()
+        "a an the this that these those some any one two three four five six seven eight nine ten many several "
+        "each every his her its their my our your".split()
+    )
+    singular_determiners = frozenset("a an one this that each every".split())
+    plural_determiners = frozenset(
+        "these those some two three four five six seven eight nine ten many several".split()
     )
     phrase_breaks = frozenset(
-        "on in at to into onto from by for with without near next beside behind above below under over "
-        "is are was were be been being has have had while as of".split()
+        "on in at to into onto from by for with without near next beside behind above below under over across "
+        "through around along against toward towards among amid inside outside beneath underneath upon past "
+        "within atop beyond during after before via alongside opposite than where who which whose while as of "
+        "is are was were be been being has have had am".split()
     )
-    bare_phrase_openers = frozenset(["and", "or", "with", ","])
+    bare_phrase_openers = frozenset(["and", "or", "with", ",", "<verb>"])
     attribute_words = frozenset(
         "red green blue yellow black white brown pink purple orange gray grey silver golden gold beige violet "
-        "striped spotted dark light pale bright".split()
+        "striped spotted dark light pale bright big small large tiny little huge giant old young new tall short "
+        "long wide narrow fat thin round square oval flat heavy wooden metal metallic plastic glass leather rubber "
+        "fabric wet dry clean dirty empty full happy sad cute fluffy soft hard shiny furry hairy curly broken hot "
+        "cold warm fresh ripe open closed cubic rectangular circular triangular cylindrical spherical".split()
+    )
+    # Base forms of common verbs; their -s, -es, -ing, -ed forms are found by stripping the suffix.
+    verb_stems = frozenset(
+        "sit stand lie lay run walk eat drink hold play read sleep cook look watch ride jump fly swim carry chase "
+        "kick throw catch wait rest hang lean face pull push wear grow float stare smile climb cross drive paint "
+        "write sing dance feed follow park stop perch fill cover wag bark chew fetch hug kiss greet talk laugh cry "
+        "nap dig build fix wash clean cut slice pour serve hunt graze roam wander soar land sail row surf ski skate "
+        "sip lick bite peek hide crawl shine glow sit pose fall sleep kneel sniff carry perform practice stretch "
+        "hope keep make take give see".split()
+    )
+    irregular_verbs = frozenset(
+        "sat stood lay lies lain ran ate eaten drank flew flown held rode ridden swam threw thrown caught sang "
+        "wore worn grew grown hung fell fallen slept knelt dug built fed bit bitten hid hidden shone made took "
+        "taken gave given saw seen kept".split()
+    )
+    # Nouns that look like verb forms after another noun ("an office building", "a flower bed").
+    nouns_like_verbs = frozenset(
+        "building ceiling painting clothing railing awning evening morning pudding icing frosting earring sibling "
+        "wedding stocking dumpling topping filling lightning bed shed sled seed weed reed".split()
+    )
+    # -ing words that name a kind of thing when a noun follows ("a parking sign", "a bowling ball").
+    ing_modifiers = frozenset(
+        "parking bowling swimming dining washing fishing sleeping running baking cutting frying living waiting "
+        "shopping walking cooking drinking sewing writing reading racing sailing rocking folding".split()
     )
 
     def __call__(self, image: PIL.Image.Image | None, prompt: str) -> list[str]:
         return self.phrases(prompt)
+
+    def _is_verb_form(self, word: str) -> bool:
+        """Whether ``word`` is a form of a known verb (``verb_stems`` or ``irregular_verbs``)."""
+        if word in self.irregular_verbs:
+            return True
+        candidates = {word}
+        for suffix, replacements in (("ing", ("", "e")), ("ies", ("y",)), ("es", ("",)), ("s", ("",))):
+            if word.endswith(suffix):
+                candidates.update(word[: -len(suffix)] + r for r in replacements)
+        for suffix, replacements in (("ied", ("y",)), ("ed", ("", "e"))):
+            if word.endswith(suffix):
+                candidates.update(word[: -len(suffix)] + r for r in replacements)
+        # A doubled final consonant ("running", "stopped") is undone too.
+        candidates.update(c[:-1] for c in list(candidates) if len(c) > 2 and c[-1] == c[-2])
+        return bool(candidates & self.verb_stems)
+
+    def _is_verb_after_head(self, word: str, following: str, determiner: str, plural: bool) -> bool:
+        """Whether ``word``, right after a phrase's head noun, is a verb (see the class docstring)."""
+        if "'" in word or word in self.nouns_like_verbs and following not in self.determiners:
+            return False
+        followed_by_noun = bool(re.match(r"\w", following)) and following not in NON_CONTENT_WORDS
+        if word in self.ing_modifiers and followed_by_noun and following not in self.determiners:
+            return False
+        if word in self.irregular_verbs or (self._is_verb_form(word) and (word not in self.verb_stems or plural)):
+            # A bare stem is a verb only after a plural subject ("two dogs play"; "a bus stop" is a noun).
+            return True
+        if word.endswith("ing") and len(word) > 5 and re.search(r"[aeiouy]", word[:-3]):
+            return True
+        if word.endswith("ed") and not word.endswith("eed") and len(word) > 4:
+            return True
+        is_third_person = word.endswith("s") and not re.search(r"(ss|us|is|as|os)$", word) and len(word) > 3
+        return is_third_person and determiner in self.singular_determiners
 
     def phrases(self, prompt: str) -> list[str]:
         """Split ``prompt`` into its object phrases."""
@@ -223,6 +299,8 @@ class PromptPhraseCaptioner:
         phrases: list[list[str]] = []
         current: list[str] = []
         last_break = ""
+        # The current phrase's determiner, and whether its head noun has been seen (since its last "of").
+        determiner, has_head, plural = "", False, False
         for index, token in enumerate(tokens):
             word = token.lower()
             previous = current[-1].lower() if current else ""
@@ -231,7 +309,10 @@ class PromptPhraseCaptioner:
             # "and" joins two attributes of one object ("black and white cat") or two objects.
             joins_attributes = previous in self.attribute_words and following in self.attribute_words
             # A word in -ing right after "and" or at a phrase boundary is a verb ("... and reading").
-            is_verb = word.endswith("ing") and (not current or previous in ("and", "or"))
+            is_verb = word.endswith("ing") and index > 0 and (not current or previous in ("and", "or"))
+            if current and has_head and re.match(r"\w", token):
+                is_verb = is_verb or self._is_verb_after_head(word, following, determiner, plural)
+            ends_at_side = word in ("left", "right") and has_head
             # "of" inside an object ("a slice of cheese") rather than between two ("a statue of a bird").
             of_inside = word == "of" and current and previous not in NON_CONTENT_WORDS
             of_inside = of_inside and following not in self.determiners
@@ -239,31 +320,48 @@ class PromptPhraseCaptioner:
                 if current:
                     phrases.append(current)
                 current = [token]
+                determiner, has_head, plural = word, False, word in self.plural_determiners
             elif of_inside:
                 current.append(token)
+                has_head = False  # the noun after "of" is a head of its own ("a pair of shoes")
             elif (
                 not re.match(r"\w", token)
                 or word in self.phrase_breaks
                 or is_verb
+                or ends_at_side
                 or (word in ("and", "or") and not joins_attributes)
             ):
                 if current:
                     phrases.append(current)
                 current = []
-                last_break = word
+                last_break = "<verb>" if is_verb else word
             elif current or not phrases:
                 current.append(token)
-            elif last_break in self.bare_phrase_openers:
-                current = [token]  # a phrase with no determiner ("... and yellow bananas")
+                has_head, plural = self._head_after(word, has_head, plural)
+            elif last_break in self.bare_phrase_openers and not word.endswith("ly"):
+                current = [token]  # a phrase with no determiner ("... and yellow bananas", "... eating grass")
+                determiner = ""
+                has_head, plural = self._head_after(word, False, False)
         if current:
             phrases.append(current)
         cleaned = []
         for words in phrases:
             while words and words[-1].lower() in ("and", "or"):
                 words = words[:-1]
-            if any(w.lower() not in NON_CONTENT_WORDS for w in words):
+            lowered = [w.lower() for w in words]
+            # A bare phrase of adjectives only ("... stood tall") names no object.
+            names_nothing = lowered and lowered[0] not in self.determiners
+            names_nothing = names_nothing and all(w in self.attribute_words or w in NON_CONTENT_WORDS for w in lowered)
+            if any(w not in NON_CONTENT_WORDS for w in lowered) and not names_nothing:
                 cleaned.append(" ".join(words))
         return cleaned
+
+    def _head_after(self, word: str, has_head: bool, plural: bool) -> tuple[bool, bool]:
+        """Update (head noun seen, plural) of a phrase after appending ``word``."""
+        if word in self.attribute_words or word in NON_CONTENT_WORDS or word in self.determiners:
+            return has_head, plural
+        # A plural determiner ("two") or a head ending in -s (not -ss/-us: "dogs") makes the phrase plural.
+        return True, plural or bool(re.search(r"[^su]s$", word))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,11 +372,12 @@ class PromptPhraseCaptioner:
 def mask_to_tensor(mask: MaskLike, height: int, width: int, argument: str = "mask") -> torch.Tensor:
     """Convert a PIL, numpy or torch mask of any size to a bool (height, width) tensor on the CPU.
 
-    Soft masks are resized bilinearly and cut at 0.5. Integer images (0-255) are scaled to [0, 1].
+    Soft masks are resized bilinearly and cut at 0.5. 8-bit images (PIL, uint8) are read as 0-255 and scaled to
+    [0, 1], unless their maximum is 1: then they are 0/1 masks (``np.uint8`` arrays of 0 and 1 are common, and
+    dividing them by 255 would leave nothing above 0.5).
     """
     if isinstance(mask, PIL.Image.Image):
-        array = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(array)
+        tensor = torch.from_numpy(np.array(mask.convert("L"), dtype=np.uint8))
     elif isinstance(mask, np.ndarray):
         tensor = torch.from_numpy(np.ascontiguousarray(mask))
     elif isinstance(mask, torch.Tensor):
