@@ -47,3 +47,12 @@ def toy_config(toy_model, prompt_file, tmp_path):
         return options
 
     return make
+
+
+@pytest.fixture(scope="session")
+def six_prompt_file(tmp_path_factory):
+    """Six prompts: fewer than a multiple of most global batches, so epochs have a remainder."""
+    prompts = t2i_compbench_prompts("color", "train")[8:14]
+    path = tmp_path_factory.mktemp("six-prompts") / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    return path

@@ -109,3 +109,19 @@ def test_attribute_concentration_term_alone_trains_the_lora(toy_config, with_gro
     assert sum(g.abs().sum() for g in lora_grads if g is not None) > 0
     # The processors were restored after the call.
     assert {type(p).__name__ for p in components.unet.attn_processors.values()} != {"RealignAttnProcessor"}
+
+
+def test_six_prompts_in_batches_of_four_never_repeat_a_prompt_in_a_batch(toy_config, six_prompt_file, tmp_path):
+    # 6 = 4 + 2: before whole-batch epochs, the second batch spanned two epochs and could repeat prompts.
+    log_dir = tmp_path / "prompt_logs"
+    log_dir.mkdir()
+    reward = {"name": f"{TOY_REWARDS}:RecordingBrightness", "log_dir": str(log_dir)}
+    config = TrainConfig(
+        **toy_config(prompts=str(six_prompt_file), train_batch_size=4, max_train_steps=3, rewards=[reward])
+    )
+    assert train(config).finished
+    records = [json.loads(line) for line in (log_dir / "prompts-0.jsonl").read_text().splitlines()]
+    batches = [record["prompts"] for record in records if record["grad"]]
+    assert len(batches) == 3 and all(len(set(batch)) == 4 for batch in batches)
+    prompts = six_prompt_file.read_text().split("\n")
+    assert all(set(batch) <= set(prompts) for batch in batches)

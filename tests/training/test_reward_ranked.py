@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -35,7 +36,10 @@ def test_each_prompt_keeps_its_own_best():
     assert select_best(scores).tolist() == [[1], [0]]
 
 
-def test_rounds_are_evaluated_and_the_best_one_is_kept(toy_config, tmp_path):
+@pytest.mark.parametrize("prompt_count", [8, 6])
+def test_rounds_are_evaluated_and_the_best_one_is_kept(
+    toy_config, tmp_path, prompt_file, six_prompt_file, prompt_count
+):
     validation = ["a red book", "a blue car"]
     (tmp_path / "validation.txt").write_text("\n".join(validation) + "\n")
     # Validation calls: before, round 1, round 2, after (the kept weights). Round 1 is best.
@@ -43,6 +47,7 @@ def test_rounds_are_evaluated_and_the_best_one_is_kept(toy_config, tmp_path):
     config = TrainConfig(
         **toy_config(
             method="reward_ranked",
+            prompts=str(prompt_file if prompt_count == 8 else six_prompt_file),
             rewards=[
                 {"name": f"{TOY_REWARDS}:ScriptedValidation", "validation_prompts": validation, "script": script},
                 {"name": f"{TOY_REWARDS}:Redness", "weight": 0.5},

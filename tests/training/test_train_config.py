@@ -39,3 +39,52 @@ def test_defaults_are_refls_settings():
     config = TrainConfig()
     assert (config.num_inference_steps, config.refl_step_range) == (40, [30, 40])
     assert config.reward_loss_weight == 1e-3 and config.learning_rate == 1e-5
+
+
+def test_credentials_are_redacted_recursively_and_other_keys_kept():
+    from realign_pipeline.training.config import redact_secrets
+
+    options = {
+        "rewards": [{"name": "tags", "llm": {"model": "m", "api_key": "sk-1", "max_new_tokens": 9}, "HF_TOKEN": "hf"}],
+        "password": "p",
+        "tokenizer": "t",
+        "client-secret": ["x"],
+        "seed": 3,
+    }
+    assert redact_secrets(options) == {
+        "rewards": [
+            {
+                "name": "tags",
+                "llm": {"model": "m", "api_key": "<redacted>", "max_new_tokens": 9},
+                "HF_TOKEN": "<redacted>",
+            }
+        ],
+        "password": "<redacted>",
+        "tokenizer": "t",
+        "client-secret": "<redacted>",
+        "seed": 3,
+    }
+    assert options["rewards"][0]["llm"]["api_key"] == "sk-1"  # the input is not changed
+
+
+def test_an_api_key_in_the_config_reaches_neither_files_nor_the_tracker(toy_config, tmp_path):
+    from pathlib import Path
+
+    from realign_pipeline.training import train
+
+    secret = "sk-do-not-log-7f3a9"
+    toy_rewards = Path(__file__).with_name("toy_rewards.py")
+    reward = {"name": f"{toy_rewards}:KeyedBrightness", "api_key": secret, "llm": {"model": "m", "api_key": secret}}
+    options = toy_config(max_train_steps=1, checkpointing_steps=1, rewards=[reward], report_to="tensorboard")
+    config = TrainConfig(**options)
+    train(config)
+    output = Path(config.output_dir)
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["config"]["rewards"][0]["api_key"] == "<redacted>"
+    assert summary["config"]["rewards"][0]["llm"] == {"model": "m", "api_key": "<redacted>"}
+    event_files = list((output / "logs").rglob("events.out.tfevents.*"))
+    assert event_files and any(b"<redacted>" in path.read_bytes() for path in event_files)  # hparams were logged
+    for path in output.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    assert config.rewards[0]["api_key"] == secret  # the run itself still has it

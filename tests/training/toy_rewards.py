@@ -62,3 +62,11 @@ class ScriptedValidation:
             self.calls += 1
             return torch.full((len(prompts),), float(value)), {}
         return images.float().mean(dim=(1, 2, 3)), {}
+
+
+class KeyedBrightness(Brightness):
+    """Brightness with credentials among its options, as an LLM-backed reward would have."""
+
+    def __init__(self, api_key: str, llm: dict, delay: float = 0.0):
+        super().__init__(delay)
+        self.api_key, self.llm = api_key, llm

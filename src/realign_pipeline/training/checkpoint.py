@@ -98,6 +98,13 @@ def load_checkpoint(accelerator: Accelerator, folder: str | Path, ema: Any | Non
     """Restore everything ``save_checkpoint`` saved (the EMA into ``ema``, on its device); returns
     ``training_state.json`` (with ``step``)."""
     folder = Path(folder)
+    pickled = sorted(path.name for path in folder.glob("custom_checkpoint_*.pkl"))
+    if pickled:
+        # Never ours (we register nothing with accelerate); unpickling them could run any code.
+        raise ValueError(
+            f"{folder} holds {pickled}, pickled objects this trainer never writes and will not load (unpickling "
+            "can run code). Delete them if you trust nothing else in the folder changed, or start afresh."
+        )
     if ema is not None and not (folder / EMA_FILE).is_file():
         raise FileNotFoundError(
             f"{folder} has no {EMA_FILE}: it was not saved by a run with use_ema (or by an older version, "
