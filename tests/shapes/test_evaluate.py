@@ -409,7 +409,6 @@ def test_every_configuration_starts_each_prompt_from_the_same_noise(world_pipe):
     for spy, _ in runs.values():
         latents = spy.latents_by_prompt()
         assert all(torch.equal(latents[prompt], reference[prompt]) for prompt in prompts)
-        assert all()
     # Different prompts start from different noise, and the noise is initial_noise(seed, category, index).
     assert not torch.allclose(reference[prompts[0]], reference[prompts[1]])
     assert torch.equal(reference[prompts[2]], initial_noise(3, 1, 0, (4, 16, 16)))
