@@ -125,8 +125,9 @@ def test_reward_feedback_loss_is_lambda_times_mean_relu():
     assert reward_feedback_loss(scores, -5.0, 0.3).item() == 0.0
 
 
-def test_the_gradient_step_uses_the_guided_prediction_and_its_x0(fake_setup):
-    config, components = fake_setup()
+@pytest.mark.parametrize("guidance_scale", [3.0, 1.5])
+def test_the_gradient_step_uses_the_guided_prediction_and_its_x0(fake_setup, guidance_scale):
+    config, components = fake_setup(guidance_scale=guidance_scale)
     reward = RecordingReward()
     loss, logs, _ = run_refl(config, components, reward)
     unet, sampler = components.unet, components.sampler
@@ -141,7 +142,7 @@ def test_the_gradient_step_uses_the_guided_prediction_and_its_x0(fake_setup):
         noise_uncond = unet.predict(latents, t, uncond_text)
         noise_cond = unet.predict(latents, t, cond_text)
     assert not torch.allclose(noise_uncond, noise_cond, atol=1e-3)  # the test can tell the halves apart
-    guided = noise_uncond + 3.0 * (noise_cond - noise_uncond)
+    guided = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
     alpha = sampler.alphas_cumprod[int(t)]
     x0 = (latents - (1 - alpha).sqrt() * guided) / alpha.sqrt()
     expected_images = (x0 / 10.0).clamp(-1, 1)
@@ -169,6 +170,10 @@ def test_the_gradient_step_is_drawn_from_the_window_and_only_from_it(fake_setup)
         assert logs["refl_step"] == index
         drawn.append(index)
     assert set(drawn) == {2, 3, 4}
+    # The draw comes from the step's generator, not the global RNG: a resumed run redraws the same step.
+    for seed in range(5):
+        torch.manual_seed(100 + seed)
+        assert run_refl(config, components, RecordingReward(), seed=seed)[1]["refl_step"] == drawn[seed]
 
 
 def test_draw_refl_step_covers_the_window_and_refuses_an_empty_one():
