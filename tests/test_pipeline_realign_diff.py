@@ -208,22 +208,16 @@ def test_two_passes_output_and_determinism(pipe):
 
 
 def test_early_stopped_coarse_pass_runs_fewer_steps(pipe):
-    calls = []
-
-    def count(pipeline, step, timestep, callback_kwargs):
-        calls.append(step)
-        return callback_kwargs
-
-    out = pipe(
-        PROMPT,
-        num_inference_steps=10,
-        generator=seeded(),
-        output_type="np",
-        callback_on_step_end=count,
-        coarse_stop_fraction=0.3,
-    )
-    # Coarse: 3 steps (the callback runs on the first 2; the 3rd ends on the x0 prediction), fine: 10.
-    assert calls == [0, 1] + list(range(10))
+    timesteps_seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: timesteps_seen.append(int(args[1])))
+    try:
+        out = pipe(PROMPT, num_inference_steps=10, generator=seeded(), output_type="np", coarse_stop_fraction=0.3)
+    finally:
+        hook.remove()
+    # Coarse: the first 3 of the 10 timesteps (the 3rd ends on the x0 prediction); fine: all 10.
+    pipe.scheduler.set_timesteps(10)
+    schedule = pipe.scheduler.timesteps.tolist()
+    assert timesteps_seen == schedule[:3] + schedule
     assert out.coarse_images.shape == out.images.shape
 
 
@@ -314,7 +308,7 @@ def test_bfloat16_path_keeps_the_pipeline_dtype(toy_pipeline_folder):
 # -- the attention processor -------------------------------------------------------------------------
 
 
-def test_every_attention_layer_gets_the_processor_and_its_old_one_back(pipe):
+def test_every_attention_layer_gets_the_processor_and_keeps_it(pipe):
     pipe.unet.set_attn_processor(AttnProcessor())
     names = list(pipe.unet.attn_processors)
     assert any(name.endswith("attn1.processor") for name in names)
@@ -329,7 +323,8 @@ def test_every_attention_layer_gets_the_processor_and_its_old_one_back(pipe):
         pipe(PROMPT, num_inference_steps=2, generator=seeded(), callback_on_step_end=spy)
     assert set(seen_inside) == set(names)
     assert all(isinstance(p, RealignAttnProcessor) for p in seen_inside.values())
-    assert all(type(p) is AttnProcessor for p in pipe.unet.attn_processors.values())
+    # Left installed (never swapped back, so concurrent calls keep their re-weighting).
+    assert all(isinstance(p, RealignAttnProcessor) for p in pipe.unet.attn_processors.values())
     pipe.unet.set_attn_processor(AttnProcessor2_0())
 
 
@@ -486,7 +481,7 @@ def test_masks_from_attention_maps_pick_the_strongest_region():
         ("The brown dog was lying on the green mat.", ["The brown dog", "the green mat"]),
         (
             "The striped black and white cat lay next to the soft grey blanket.",
-            ["The striped black and white cat lay", "the soft grey blanket"],
+            ["The striped black and white cat", "the soft grey blanket"],
         ),
     ],
 )
@@ -581,12 +576,17 @@ def test_empty_masks_are_dropped_with_a_warning(pipe):
     assert out.layouts[0].dropped[0].reason == "its mask is empty"
 
 
-def fails_before_denoising(pipe, match, **kwargs):
+def fails_before_denoising(pipe, match, error=ValueError, **kwargs):
     def never(*args, **kw):
         raise AssertionError("denoising started before the input was checked")
 
-    with pytest.raises(ValueError, match=match):
-        pipe(**{"prompt": PROMPT, "num_inference_steps": 2, "callback_on_step_end": never, **kwargs})
+    hooks = [pipe.unet.register_forward_pre_hook(never), pipe.text_encoder.register_forward_pre_hook(never)]
+    try:
+        with pytest.raises(error, match=match):
+            pipe(**{"prompt": PROMPT, "num_inference_steps": 2, **kwargs})
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @pytest.mark.parametrize(
@@ -675,4 +675,4 @@ def test_model_cpu_offload_keeps_working(toy_pipeline_folder, sd_pipe):
     assert np.array_equal(plain, expected)
     out = pipe(PROMPT, num_inference_steps=2, generator=seeded(), output_type="np")
     assert out.layouts[0].regions
-    assert all(type(p) is AttnProcessor2_0 for p in pipe.unet.attn_processors.values())
+    assert all(isinstance(p, RealignAttnProcessor) for p in pipe.unet.attn_processors.values())

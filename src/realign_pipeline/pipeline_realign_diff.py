@@ -392,7 +392,8 @@ def mask_to_tensor(mask: MaskLike, height: int, width: int, argument: str = "mas
     if tensor.dtype == torch.bool:
         tensor = tensor.float()
     elif tensor.dtype == torch.uint8:
-        tensor = tensor.float() / 255.0
+        is_zero_one = tensor.numel() == 0 or int(tensor.max()) <= 1
+        tensor = tensor.float() if is_zero_one else tensor.float() / 255.0
     else:
         tensor = tensor.float()
     resized = F.interpolate(tensor[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
@@ -915,8 +916,55 @@ class RealignAttnProcessor:
         return torch.cat([plain, modulated.to(plain.dtype)], dim=0)
 
 
-# Processors that compute plain attention and can be swapped out and back without losing anything.
-REPLACEABLE_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0", "XFormersAttnProcessor")
+# Processors that compute plain attention and can be replaced without changing any result. Attention slicing
+# only saves memory, which scaled_dot_product_attention (and the re-weighting's chunked pass) also does.
+REPLACEABLE_PROCESSORS = (
+    "AttnProcessor",
+    "AttnProcessor2_0",
+    "FusedAttnProcessor2_0",
+    "XFormersAttnProcessor",
+    "SlicedAttnProcessor",
+)
+
+
+def refuse_foreign_processors(unet: UNet2DConditionModel) -> None:
+    """Raise if ``unet`` has attention processors that do more than plain attention (IP-Adapter, custom ones):
+    replacing them with ``RealignAttnProcessor`` would silently drop what they do."""
+    # Compared by name: a copy of this file loaded through `custom_pipeline=` defines its own class.
+    names = {type(p).__name__ for p in unet.attn_processors.values()}
+    foreign = sorted(names - set(REPLACEABLE_PROCESSORS) - {"RealignAttnProcessor"})
+    if foreign:
+        raise ValueError(
+            f"The UNet uses attention processors {foreign}, which RealignDiff's re-weighting would replace and "
+            "lose. Remove them (`pipe.unload_ip_adapter()`, or `pipe.unet.set_attn_processor(AttnProcessor2_0())`), "
+            "or run with `realign=False`, which is exactly `StableDiffusionPipeline`'s call and keeps them."
+        )
+
+
+def install_realign_processors(
+    unet: UNet2DConditionModel, attention_function: AttentionFunction = reweighted_attention_fast
+) -> None:
+    """Put ``RealignAttnProcessor(attention_function)`` on every attention layer of ``unet`` and leave it there.
+
+    Installed once, never swapped back: swapping per call let a concurrent call (another thread, or another
+    pipeline sharing this UNet through ``from_pipe``) restore the plain processors in the middle of a re-weighted
+    pass. Left installed it costs nothing: without a ``realign_state`` the processor computes exactly
+    ``AttnProcessor2_0``'s attention. Does nothing when the same processors are already installed.
+    """
+    processors = list(unet.attn_processors.values())
+    if all(
+        type(p).__name__ == "RealignAttnProcessor" and getattr(p, "attention_function", None) is attention_function
+        for p in processors
+    ):
+        return
+    refuse_foreign_processors(unet)
+    if any(type(p).__name__ == "SlicedAttnProcessor" for p in processors):
+        warnings.warn(
+            "RealignDiff: attention slicing is replaced by `RealignAttnProcessor` (scaled_dot_product_attention, "
+            "which does not hold the full score matrix on memory-efficient kernels); results are unchanged.",
+            stacklevel=3,
+        )
+    unet.set_attn_processor(RealignAttnProcessor(attention_function=attention_function))
 
 
 @contextlib.contextmanager
@@ -925,20 +973,13 @@ def realign_processors_installed(
 ) -> Iterator[RealignAttnProcessor]:
     """Install ``processor`` on every attention layer of ``unet`` and restore the old ones on exit.
 
-    Refuses processors that do more than plain attention (IP-Adapter, custom ones): replacing them
-    would silently drop what they do.
+    For single-threaded use on a UNet of one's own (training, benchmarks); ``RealignDiffPipeline`` uses
+    ``install_realign_processors`` instead, which never swaps back. Refuses processors that do more than plain
+    attention (``refuse_foreign_processors``).
     """
     processor = processor or RealignAttnProcessor()
     previous = unet.attn_processors
-    # Compared by name: a copy of this file loaded through `custom_pipeline=` defines its own class.
-    foreign = sorted(
-        {type(p).__name__ for p in previous.values()} - set(REPLACEABLE_PROCESSORS) - {"RealignAttnProcessor"}
-    )
-    if foreign:
-        raise ValueError(
-            f"The UNet uses attention processors {foreign}, which RealignDiff would replace and lose. "
-            "Call `pipe.unet.set_default_attn_processor()` first, or run with `realign=False`."
-        )
+    refuse_foreign_processors(unet)
     unet.set_attn_processor(processor)
     try:
         yield processor
@@ -1123,31 +1164,59 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         config.setdefault("desc", label)
         return tqdm(total=total, **config)
 
-    def _normalise_regions(
-        self, regions: RegionsArgument | None, prompts: list[str], height: int, width: int
-    ) -> list[list[tuple[str, torch.Tensor]]] | None:
-        """Check the user's ``regions`` and return one list of (caption, bool mask) per prompt."""
-        if regions is None:
-            return None
+    def max_regions(self) -> int:
+        """The most regions one image may have: the tokenizer's length less its start and end tokens
+        (75 for CLIP), since each region owns at least one prompt token of its own."""
+        return self.tokenizer.model_max_length - 2
+
+    def _regions_per_prompt(self, regions: RegionsArgument, num_prompts: int) -> list[Sequence[Any]]:
+        """Check the structure of the user's ``regions`` (no masks converted yet): one list of
+        (caption, mask) pairs per prompt, at most ``max_regions()`` per prompt, no caption twice."""
         if not isinstance(regions, (list, tuple)):
             raise ValueError("`regions` must be a list of (caption, mask) pairs, or a list of such lists.")
         is_single = len(regions) == 0 or (
             isinstance(regions[0], (list, tuple)) and len(regions[0]) == 2 and isinstance(regions[0][0], str)
         )
         per_prompt = [regions] if is_single else list(regions)
-        if len(per_prompt) != len(prompts):
+        if len(per_prompt) != num_prompts:
             raise ValueError(
-                f"`regions` holds layouts for {len(per_prompt)} prompt(s) but `prompt` has {len(prompts)}; "
+                f"`regions` holds layouts for {len(per_prompt)} prompt(s) but `prompt` has {num_prompts}; "
                 "pass one list of (caption, mask) pairs per prompt."
             )
-        normalised = []
         for prompt_index, pairs in enumerate(per_prompt):
-            checked = []
+            if not isinstance(pairs, (list, tuple)):
+                raise ValueError(f"`regions[{prompt_index}]` must be a list of (caption, mask) pairs.")
+            if len(pairs) > self.max_regions():
+                # Checked before any mask is converted: each region costs an image-sized plane.
+                raise ValueError(
+                    f"`regions[{prompt_index}]` has {len(pairs)} regions; at most {self.max_regions()} fit "
+                    "(each region needs prompt tokens of its own)."
+                )
+            seen = set()
             for pair_index, pair in enumerate(pairs):
                 if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)):
                     raise ValueError(f"`regions[{prompt_index}][{pair_index}]` must be a (caption, mask) pair.")
+                if pair[0] in seen:
+                    # Two masks for one caption: which one the caption's tokens should follow is ambiguous.
+                    raise ValueError(
+                        f"`regions[{prompt_index}]`: the caption {pair[0]!r} is given twice; give each object "
+                        "one region (merge its masks into one)."
+                    )
+                seen.add(pair[0])
+        return per_prompt
+
+    def _normalise_regions(
+        self, regions: RegionsArgument | None, prompts: list[str], height: int, width: int
+    ) -> list[list[tuple[str, torch.Tensor]]] | None:
+        """Check the user's ``regions`` and return one list of (caption, bool mask) per prompt."""
+        if regions is None:
+            return None
+        normalised = []
+        for prompt_index, pairs in enumerate(self._regions_per_prompt(regions, len(prompts))):
+            checked = []
+            for pair_index, (caption, mask) in enumerate(pairs):
                 argument = f"regions[{prompt_index}][{pair_index}] mask"
-                checked.append((pair[0], mask_to_tensor(pair[1], height, width, argument=argument)))
+                checked.append((caption, mask_to_tensor(mask, height, width, argument=argument)))
             normalised.append(checked)
         return normalised
 
@@ -1161,16 +1230,26 @@ class RealignDiffPipeline(StableDiffusionPipeline):
     ) -> Layout:
         """Place each caption's words in the prompt and pair them with masks.
 
-        ``strict`` (user-given regions): a caption that cannot be placed raises ``ValueError``.
-        Otherwise (captioner output) it is dropped with a warning. Empty masks are always dropped
-        with a warning. Every drop is listed in the layout.
+        ``strict`` (user-given regions): a caption that cannot be placed, or that is given twice,
+        raises ``ValueError``. Otherwise (captioner output) it is dropped with a warning. Empty masks
+        are always dropped with a warning. Every drop is listed in the layout. More than
+        ``max_regions()`` regions raise ``ValueError``.
         """
         max_length = self.tokenizer.model_max_length
         prompt_words = words_with_token_positions(self.tokenizer, prompt)
         layout = Layout(prompt=prompt, regions=[])
+        seen: set[str] = set()
         for caption, mask, source in zip(captions, masks, sources):
             text = caption.text if isinstance(caption, LocalCaption) else caption
             box = caption.box if isinstance(caption, LocalCaption) else None
+            if text in seen:
+                if strict:
+                    raise ValueError(f"`regions`: the caption {text!r} is given twice; give each object one region.")
+                reason = "it repeats an earlier caption"
+                warnings.warn(f"RealignDiff: dropping caption {text!r}: {reason}.", stacklevel=3)
+                layout.dropped.append(DroppedRegion(text, reason))
+                continue
+            seen.add(text)
             placement = place_caption(prompt_words, words_with_token_positions(self.tokenizer, text), max_length)
             reason = None
             if not placement.prompt_positions:
@@ -1205,6 +1284,11 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                     box=box,
                 )
             )
+        if len(layout.regions) > self.max_regions():
+            raise ValueError(
+                f"{'`regions`' if strict else 'the `captioner`'} gave {len(layout.regions)} regions for {prompt!r}; "
+                f"at most {self.max_regions()} fit (each region needs prompt tokens of its own)."
+            )
         return layout
 
     def _region_tensors(self, layouts: Sequence[Layout], height: int, width: int) -> RegionTensors | None:
@@ -1223,20 +1307,25 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                 region_tokens[index, region_index, region.token_indices] = True
         return RegionTensors(labels=labels, region_tokens=region_tokens)
 
-    def _swap_region_embeddings(self, prompt_embeds: torch.Tensor, layouts: Sequence[Layout]) -> torch.Tensor:
-        """DenseDiffusion's embedding swap: each region's tokens take its caption's stand-alone encoding."""
+    def _swap_region_embeddings(
+        self,
+        prompt_embeds: torch.Tensor,
+        layouts: Sequence[Layout],
+        clip_skip: int | None = None,
+        lora_scale: float | None = None,
+    ) -> torch.Tensor:
+        """DenseDiffusion's embedding swap: each region's tokens take its caption's stand-alone encoding.
+
+        Captions are encoded by ``encode_prompt`` exactly as the prompt was (``clip_skip``, LoRA scale,
+        textual-inversion tokens), so the swapped rows come from the same layer as the rows they replace.
+        """
         captions = sorted({region.caption for layout in layouts for region in layout.regions})
         if not captions:
             return prompt_embeds
-        caption_ids = self.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self._execution_device)
-        caption_embeds = self.text_encoder(caption_ids)[0].to(prompt_embeds.dtype)
-        by_caption = dict(zip(captions, caption_embeds))
+        caption_embeds, _ = self.encode_prompt(
+            captions, self._execution_device, 1, False, lora_scale=lora_scale, clip_skip=clip_skip
+        )
+        by_caption = dict(zip(captions, caption_embeds.to(prompt_embeds.dtype)))
         swapped = prompt_embeds.clone()
         for index, layout in enumerate(layouts):
             for region in layout.regions:
@@ -1254,38 +1343,45 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         self,
         latents: torch.Tensor,
         prompt_embeds: torch.Tensor,
-        num_inference_steps: int,
+        num_inference_steps: int | None,
         timesteps: list[int] | None,
         sigmas: list[float] | None,
         extra_step_kwargs: dict[str, Any],
         timestep_cond: torch.Tensor | None,
         added_cond_kwargs: dict[str, Any] | None,
-        cross_attention_kwargs: dict[str, Any],
+        cross_attention_kwargs: dict[str, Any] | None,
         state: AttentionModulationState,
-        modulated_steps: int,
+        modulation_fraction: float,
         callback_on_step_end: Callable | None,
         callback_on_step_end_tensor_inputs: list[str],
         label: str,
-        stop_after_steps: int | None = None,
+        stop_fraction: float | None = None,
     ) -> torch.Tensor:
         """One denoising pass: the Stable Diffusion loop, with the attention state updated per step.
 
-        With ``stop_after_steps`` the pass ends early and returns the scheduler's prediction of the
-        clean latents (``x0``) at that step instead of the noisy latents: the early-stopped coarse pass.
+        The schedule is set afresh (``retrieve_timesteps``), which also resets multistep schedulers'
+        history. The first ``modulation_fraction`` of its entries are re-weighted. With
+        ``stop_fraction`` < 1 the pass ends after that fraction of the entries and returns the
+        scheduler's prediction of the clean latents (``x0``) instead of the noisy latents: the
+        early-stopped coarse pass. ``pipe._interrupt = True`` ends the pass with the latents so far.
         """
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, self._execution_device, timesteps, sigmas
         )
         self._num_timesteps = len(timesteps)
+        # Fractions of the schedule's entries, not of `num_inference_steps`: PNDM and second-order
+        # schedulers have more entries than steps.
+        modulated_steps = round(modulation_fraction * len(timesteps))
+        stop_after_steps = None
+        if stop_fraction is not None and stop_fraction < 1.0:
+            stop_after_steps = max(1, round(stop_fraction * len(timesteps)))
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        attention_kwargs = {**cross_attention_kwargs, "realign_state": state}
+        attention_kwargs = {**(cross_attention_kwargs or {}), "realign_state": state}
         negative_prompt_embeds = prompt_embeds.chunk(2)[0] if self.do_classifier_free_guidance else None
         total = num_inference_steps if stop_after_steps is None else min(stop_after_steps, num_inference_steps)
         with self._labelled_progress_bar(total, label) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
-                    continue
-                if stop_after_steps is not None and i >= stop_after_steps:
                     break
                 state.timestep = float(t)
                 state.modulate = i < modulated_steps
@@ -1315,13 +1411,12 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                 latents = step_output.prev_sample
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for name in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[name] = {
-                            "latents": latents,
-                            "prompt_embeds": prompt_embeds,
-                            "negative_prompt_embeds": negative_prompt_embeds,
-                        }[name]
+                    available = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
+                    callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
@@ -1362,14 +1457,59 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
 
-    def _check_realign_inputs(
+    def check_inputs(
         self,
-        coarse_stop_fraction: float,
-        modulation_fraction: float,
-        cross_attention_weight: float,
-        self_attention_weight: float,
-        area_weight: float,
+        prompt: str | list[str] | None,
+        height: int,
+        width: int,
+        callback_steps: int | None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        *,
+        realign: bool = False,
+        regions: RegionsArgument | None = None,
+        captioner: DenseCaptioner | None = None,
+        grounder: Grounder | None = None,
+        num_images_per_prompt: int = 1,
+        coarse_stop_fraction: float = 0.3,
+        modulation_fraction: float = 0.3,
+        cross_attention_weight: float = 1.0,
+        self_attention_weight: float = 0.3,
+        area_weight: float = 1.0,
+        attention_implementation: str = "fast",
     ) -> None:
+        """Every input check of a call, before any work: the parent's, then RealignDiff's.
+
+        The parent's own ``__call__`` (``realign=False``) calls this with its positional arguments only;
+        the keyword-only defaults then add nothing.
+        """
+        super().check_inputs(
+            prompt=prompt,
+            height=height,
+            width=width,
+            callback_steps=callback_steps,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        for name, value in (
+            ("coarse_stop_fraction", coarse_stop_fraction),
+            ("modulation_fraction", modulation_fraction),
+            ("cross_attention_weight", cross_attention_weight),
+            ("self_attention_weight", self_attention_weight),
+            ("area_weight", area_weight),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
+            if not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value}.")
         if not 0.0 < coarse_stop_fraction <= 1.0:
             raise ValueError(
                 f"`coarse_stop_fraction` must be in (0, 1] (a fraction of the steps), got {coarse_stop_fraction}."
@@ -1385,6 +1525,49 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         ):
             if value < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {value}.")
+        if attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"`attention_implementation` must be one of {sorted(ATTENTION_IMPLEMENTATIONS)}, "
+                f"got {attention_implementation!r}."
+            )
+        if num_images_per_prompt is None or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}.")
+        if not realign:
+            for name, value in (("regions", regions), ("captioner", captioner), ("grounder", grounder)):
+                if value is not None:
+                    raise ValueError(f"`{name}` is used only with `realign=True`; remove it or set `realign=True`.")
+            return
+        if prompt is None:
+            raise ValueError(
+                "`realign=True` needs the `prompt` text: the re-weighting places each region's caption in the "
+                "prompt's tokens, which `prompt_embeds` do not name. Pass `prompt`, or use `realign=False`."
+            )
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            raise ValueError(
+                "`ip_adapter_image`/`ip_adapter_image_embeds` need IP-Adapter's attention processors, which the "
+                "re-weighting would replace; use `realign=False` for IP-Adapter."
+            )
+        num_prompts = 1 if isinstance(prompt, str) else len(prompt)
+        if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != num_prompts:
+            raise ValueError(
+                f"`negative_prompt_embeds` holds {negative_prompt_embeds.shape[0]} rows but `prompt` has "
+                f"{num_prompts} prompt(s); pass one row per prompt."
+            )
+        if regions is not None:
+            self._regions_per_prompt(regions, num_prompts)
+        # Above 1, λ = w·c(t)·ρ exceeds 1 at early steps and (1 − λ) turns negative: the formula then
+        # inverts the order of the scores outside the region's keys. DenseDiffusion users do go above 1.
+        for name, value in (
+            ("cross_attention_weight", cross_attention_weight),
+            ("self_attention_weight", self_attention_weight),
+        ):
+            if value > 1.0:
+                warnings.warn(
+                    f"RealignDiff: `{name}`={value} > 1: at early steps λ exceeds 1 and the re-weighting inverts "
+                    "the order of the attention scores it modulates (see the `__call__` docstring).",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     # -- the call --------------------------------------------------------------------------------
 
@@ -1394,7 +1577,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         prompt: str | list[str] = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = 50,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
@@ -1403,6 +1586,10 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -1425,16 +1612,32 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         r"""Generate images with RealignDiff's two passes.
 
         The arguments up to ``callback_on_step_end_tensor_inputs`` are ``StableDiffusionPipeline``'s,
-        with the same meaning (``callback_on_step_end`` runs in both passes). The others:
+        with the same meaning, except:
+
+        - ``callback_on_step_end`` runs in the fine pass only (the pass whose latents are returned),
+          with the parent's step indices ``0 .. len(timesteps) - 1``; the coarse pass runs untouched.
+          Setting ``pipe._interrupt = True`` in it ends the fine pass and returns what it denoised so far.
+        - with ``realign=True``, ``prompt`` is required (``prompt_embeds`` cannot say where a region's
+          words are) and IP-Adapter inputs are refused (its processors would be replaced); use
+          ``realign=False`` for either. ``negative_prompt_embeds`` work in both modes.
+
+        The first ``realign=True`` call leaves ``RealignAttnProcessor`` installed on the UNet (plain
+        attention when no re-weighting is asked, so plain calls give the same result); it never swaps
+        processors back, so concurrent calls and pipelines sharing the UNet keep their re-weighting.
+        Processors that do more than plain attention (IP-Adapter, custom ones) are refused;
+        attention slicing is replaced (with a warning).
 
         Args:
-            realign (`bool`, defaults to `True`): `False` runs only the plain pass, which is exactly
-                `StableDiffusionPipeline`'s output.
+            realign (`bool`, defaults to `True`): `False` is exactly `StableDiffusionPipeline.__call__`
+                (same processors, same output), wrapped in a `RealignDiffPipelineOutput`.
             regions (`list`, *optional*): the layout, skipping the coarse pass: `[(caption, mask), ...]`
                 for one prompt, or one such list per prompt. Masks are PIL, numpy or torch, any size;
-                soft masks are cut at 0.5. A prompt's regions are shared by its images.
+                soft masks are cut at 0.5, 8-bit masks are 0-255 unless their maximum is 1. A prompt's
+                regions are shared by its images. At most `max_regions()` (75 for CLIP) per prompt, each
+                caption once.
             captioner (`DenseCaptioner`, *optional*): local captions from the coarse image; defaults
-                to `self.captioner`, then to `PromptPhraseCaptioner()`.
+                to `self.captioner`, then to `PromptPhraseCaptioner()`. It must return a list of `str` or
+                `LocalCaption`; a caption it repeats is dropped with a warning.
             grounder (`Grounder`, *optional*): a mask per caption from the coarse image; defaults to
                 `self.grounder`, then to masks from the coarse pass's cross-attention maps (which
                 also fill in any caption the grounder returns `None` for).
@@ -1445,15 +1648,18 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                 whose attention is re-weighted (DenseDiffusion: 0.3).
             cross_attention_weight (`float`, defaults to 1.0), self_attention_weight (`float`,
                 defaults to 0.3), area_weight (`float`, defaults to 1.0): the re-weighting strengths
-                `w` and the area penalty `w_area` (DenseDiffusion's defaults).
+                `w` and the area penalty `w_area` (DenseDiffusion's defaults). They must be finite and
+                >= 0. Cross and self weights above 1 are allowed with a `UserWarning`: λ = w·(t/T)^5·ρ then
+                exceeds 1 at early steps and (1 − λ) < 0 inverts the order of the modulated scores.
             swap_region_embeddings (`bool`, defaults to `True`): replace each region's tokens in the
-                prompt embedding by its caption's own encoding (DenseDiffusion).
+                prompt embedding by its caption's own encoding (DenseDiffusion), encoded as the prompt
+                is (`clip_skip` included).
             attention_implementation (`str`, defaults to `"fast"`): `"fast"` (one fused SDPA call, no
                 N×N matrix) or `"reference"` (DenseDiffusion's materialised scores); same result.
 
         Returns:
             `RealignDiffPipelineOutput` (or a tuple `(images, nsfw_content_detected, coarse_images,
-            layouts)` when `return_dict=False`).
+            layouts)` when `return_dict=False`; `(images, nsfw_content_detected)` with `realign=False`).
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -1466,26 +1672,74 @@ class RealignDiffPipeline(StableDiffusionPipeline):
 
         # 1. Check every input before any expensive work.
         self.check_inputs(
-            prompt, height, width, None, negative_prompt, None, None, None, None, callback_on_step_end_tensor_inputs
+            prompt,
+            height,
+            width,
+            None,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
+            callback_on_step_end_tensor_inputs,
+            realign=realign,
+            regions=regions,
+            captioner=captioner,
+            grounder=grounder,
+            num_images_per_prompt=num_images_per_prompt,
+            coarse_stop_fraction=coarse_stop_fraction,
+            modulation_fraction=modulation_fraction,
+            cross_attention_weight=cross_attention_weight,
+            self_attention_weight=self_attention_weight,
+            area_weight=area_weight,
+            attention_implementation=attention_implementation,
         )
-        self._check_realign_inputs(
-            coarse_stop_fraction, modulation_fraction, cross_attention_weight, self_attention_weight, area_weight
-        )
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"`attention_implementation` must be one of {sorted(ATTENTION_IMPLEMENTATIONS)}, "
-                f"got {attention_implementation!r}."
+        if not realign:
+            # Exactly the parent's call: its loop, its processors, its output.
+            output = StableDiffusionPipeline.__call__(
+                self,
+                prompt=prompt,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                timesteps=timesteps,
+                sigmas=sigmas,
+                guidance_scale=guidance_scale,
+                negative_prompt=negative_prompt,
+                num_images_per_prompt=num_images_per_prompt,
+                eta=eta,
+                generator=generator,
+                latents=latents,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                ip_adapter_image=ip_adapter_image,
+                ip_adapter_image_embeds=ip_adapter_image_embeds,
+                output_type=output_type,
+                return_dict=return_dict,
+                cross_attention_kwargs=cross_attention_kwargs,
+                guidance_rescale=guidance_rescale,
+                clip_skip=clip_skip,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             )
-        if num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}.")
-        user_regions = self._normalise_regions(regions, prompts, height, width) if realign else None
+            if not return_dict:
+                return output
+            return RealignDiffPipelineOutput(
+                images=output.images,
+                nsfw_content_detected=output.nsfw_content_detected,
+                coarse_images=None,
+                layouts=None,
+            )
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        user_regions = self._normalise_regions(regions, prompts, height, width)
         user_layouts = None
         if user_regions is not None:
             user_layouts = [
                 self.build_layout(p, [c for c, _ in pairs], [m for _, m in pairs], ["user"] * len(pairs), strict=True)
                 for p, pairs in zip(prompts, user_regions)
             ]
+        install_realign_processors(self.unet, ATTENTION_IMPLEMENTATIONS[attention_implementation])
 
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
@@ -1493,16 +1747,17 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         device = self._execution_device
-        cross_attention_kwargs = dict(cross_attention_kwargs or {})
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
 
         # 2. Encode the prompt once; both passes use these encodings.
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompts,
+            prompt,
             device,
             num_images_per_prompt,
             self.do_classifier_free_guidance,
             negative_prompt,
-            lora_scale=cross_attention_kwargs.get("scale"),
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
             clip_skip=self.clip_skip,
         )
         if self.do_classifier_free_guidance:
@@ -1536,89 +1791,96 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             timestep_cond=timestep_cond,
             added_cond_kwargs=None,
             cross_attention_kwargs=cross_attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         num_train_timesteps = self.scheduler.config.num_train_timesteps
 
-        processor = RealignAttnProcessor(attention_function=ATTENTION_IMPLEMENTATIONS[attention_implementation])
-        with realign_processors_installed(self.unet, processor):
-            # 4. Coarse pass: plain attention, recording cross-attention maps for the attention grounder.
-            coarse_images = None
-            coarse_output = None
-            if user_layouts is None:
-                recorder = CrossAttentionRecorder() if realign else None
-                coarse_stop_steps = None
-                if realign and coarse_stop_fraction < 1.0:
-                    coarse_stop_steps = max(1, round(coarse_stop_fraction * num_inference_steps))
-                coarse_state = AttentionModulationState(
-                    latent_size=latent_size,
-                    recorder=recorder,
-                    conditional_half_only=self.do_classifier_free_guidance,
-                    num_train_timesteps=num_train_timesteps,
-                )
-                coarse_latents = self.denoise(
-                    initial_latents.clone(),
-                    prompt_embeds,
-                    state=coarse_state,
-                    modulated_steps=0,
-                    label="RealignDiff coarse pass" if realign else "Stable Diffusion",
-                    stop_after_steps=coarse_stop_steps,
-                    **pass_kwargs,
-                )
-                if output_type == "latent" and not realign:
-                    coarse_output, coarse_nsfw = coarse_latents, None
-                else:
-                    coarse_decoded, coarse_nsfw = self.decode(coarse_latents, generator, prompt_embeds.dtype)
-                    coarse_output = self._postprocess(coarse_decoded, coarse_nsfw, output_type)
-                if not realign:
-                    self.maybe_free_model_hooks()
-                    if not return_dict:
-                        return (coarse_output, coarse_nsfw)
-                    return RealignDiffPipelineOutput(
-                        images=coarse_output, nsfw_content_detected=coarse_nsfw, coarse_images=None, layouts=None
-                    )
-                coarse_images = self._postprocess(coarse_decoded, coarse_nsfw, "pil")
-                layouts = self._layouts_from_coarse_pass(
-                    prompts, num_images_per_prompt, coarse_images, recorder, captioner, grounder, height, width
-                )
-            else:
-                layouts = [layout for layout in user_layouts for _ in range(num_images_per_prompt)]
-
-            # 5. Fine pass: same initial latents, re-weighted attention in the first steps.
-            fine_embeds = prompt_embeds
-            if swap_region_embeddings:
-                conditional = prompt_embeds.chunk(2)[1] if self.do_classifier_free_guidance else prompt_embeds
-                conditional = self._swap_region_embeddings(conditional, layouts)
-                fine_embeds = (
-                    torch.cat([prompt_embeds.chunk(2)[0], conditional])
-                    if self.do_classifier_free_guidance
-                    else conditional
-                )
-            fine_state = AttentionModulationState(
+        # 4. Coarse pass: plain attention, recording cross-attention maps for the attention grounder.
+        coarse_output = None
+        if user_layouts is None:
+            recorder = CrossAttentionRecorder()
+            coarse_state = AttentionModulationState(
                 latent_size=latent_size,
-                regions=self._region_tensors(layouts, height, width),
-                cross_attention_weight=cross_attention_weight,
-                self_attention_weight=self_attention_weight,
-                area_weight=area_weight,
+                recorder=recorder,
                 conditional_half_only=self.do_classifier_free_guidance,
                 num_train_timesteps=num_train_timesteps,
             )
-            modulated_steps = round(modulation_fraction * num_inference_steps)
-            fine_latents = self.denoise(
+            coarse_latents = self.denoise(
                 initial_latents.clone(),
-                fine_embeds,
-                state=fine_state,
-                modulated_steps=modulated_steps,
-                label="RealignDiff fine pass",
+                prompt_embeds,
+                state=coarse_state,
+                modulation_fraction=0.0,
+                callback_on_step_end=None,
+                callback_on_step_end_tensor_inputs=[],
+                label="RealignDiff coarse pass",
+                stop_fraction=coarse_stop_fraction,
                 **pass_kwargs,
             )
+            if self.interrupt:
+                # Interrupted during the coarse pass: no layout, so what was denoised so far is the result.
+                return self._finish(
+                    coarse_latents, generator, prompt_embeds.dtype, output_type, return_dict, None, None
+                )
+            coarse_decoded, coarse_nsfw = self.decode(coarse_latents, generator, prompt_embeds.dtype)
+            coarse_output = self._postprocess(coarse_decoded, coarse_nsfw, output_type)
+            coarse_images = self._postprocess(coarse_decoded, coarse_nsfw, "pil")
+            layouts = self._layouts_from_coarse_pass(
+                prompts, num_images_per_prompt, coarse_images, recorder, captioner, grounder, height, width
+            )
+        else:
+            layouts = [layout for layout in user_layouts for _ in range(num_images_per_prompt)]
+
+        # 5. Fine pass: same initial latents, re-weighted attention in the first steps.
+        fine_embeds = prompt_embeds
+        if swap_region_embeddings:
+            conditional = prompt_embeds.chunk(2)[1] if self.do_classifier_free_guidance else prompt_embeds
+            conditional = self._swap_region_embeddings(
+                conditional, layouts, clip_skip=self.clip_skip, lora_scale=lora_scale
+            )
+            fine_embeds = (
+                torch.cat([prompt_embeds.chunk(2)[0], conditional])
+                if self.do_classifier_free_guidance
+                else conditional
+            )
+        fine_state = AttentionModulationState(
+            latent_size=latent_size,
+            regions=self._region_tensors(layouts, height, width),
+            cross_attention_weight=cross_attention_weight,
+            self_attention_weight=self_attention_weight,
+            area_weight=area_weight,
+            conditional_half_only=self.do_classifier_free_guidance,
+            num_train_timesteps=num_train_timesteps,
+        )
+        fine_latents = self.denoise(
+            initial_latents.clone(),
+            fine_embeds,
+            state=fine_state,
+            modulation_fraction=modulation_fraction,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            label="RealignDiff fine pass",
+            **pass_kwargs,
+        )
 
         # 6. Decode and return.
+        return self._finish(
+            fine_latents, generator, prompt_embeds.dtype, output_type, return_dict, coarse_output, layouts
+        )
+
+    def _finish(
+        self,
+        latents: torch.Tensor,
+        generator: Any,
+        dtype: torch.dtype,
+        output_type: str,
+        return_dict: bool,
+        coarse_output: Any,
+        layouts: list[Layout] | None,
+    ) -> RealignDiffPipelineOutput | tuple:
+        """Decode the returned latents, free offloaded models and build the output."""
         if output_type == "latent":
-            image, has_nsfw_concept = fine_latents, None
+            image, has_nsfw_concept = latents, None
         else:
-            decoded, has_nsfw_concept = self.decode(fine_latents, generator, prompt_embeds.dtype)
+            decoded, has_nsfw_concept = self.decode(latents, generator, dtype)
             image = self._postprocess(decoded, has_nsfw_concept, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -1626,6 +1888,35 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         return RealignDiffPipelineOutput(
             images=image, nsfw_content_detected=has_nsfw_concept, coarse_images=coarse_output, layouts=layouts
         )
+
+    def _checked_captions(self, captions: Any) -> list[str | LocalCaption]:
+        """The captioner's output as a list, or a ``TypeError`` naming the captioner and what it must return."""
+        expected = "a list of str or LocalCaption"
+        if isinstance(captions, (str, LocalCaption)) or not isinstance(captions, (list, tuple)):
+            raise TypeError(f"the `captioner` must return {expected}, got {type(captions).__name__}.")
+        for index, caption in enumerate(captions):
+            if not isinstance(caption, (str, LocalCaption)):
+                raise TypeError(f"the `captioner` must return {expected}; item {index} is {type(caption).__name__}.")
+        texts = {c.text if isinstance(c, LocalCaption) else c for c in captions}
+        if len(texts) > self.max_regions():
+            raise ValueError(
+                f"the `captioner` returned {len(texts)} distinct captions; at most {self.max_regions()} fit "
+                "(each region needs prompt tokens of its own)."
+            )
+        return list(captions)
+
+    @staticmethod
+    def _checked_grounded(grounded: Any, num_captions: int) -> list[MaskLike | None]:
+        """The grounder's output as a list, or a ``TypeError`` naming the grounder and what it must return."""
+        expected = f"a list of {num_captions} masks (PIL image, numpy array or torch tensor) or None, one per caption"
+        if not isinstance(grounded, (list, tuple)):
+            raise TypeError(f"the `grounder` must return {expected}; got {type(grounded).__name__}.")
+        if len(grounded) != num_captions:
+            raise ValueError(f"the `grounder` returned {len(grounded)} masks for {num_captions} captions.")
+        for index, mask in enumerate(grounded):
+            if mask is not None and not isinstance(mask, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+                raise TypeError(f"the `grounder` must return {expected}; item {index} is {type(mask).__name__}.")
+        return list(grounded)
 
     def _layouts_from_coarse_pass(
         self,
@@ -1651,7 +1942,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         layouts = []
         for index, image in enumerate(coarse_images):
             prompt = prompts[index // num_images_per_prompt]
-            captions = list(captioner(image, prompt))
+            captions = self._checked_captions(captioner(image, prompt))
             texts = [c.text if isinstance(c, LocalCaption) else c for c in captions]
             prompt_words = words_with_token_positions(self.tokenizer, prompt)
             token_groups = [
@@ -1669,9 +1960,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             masks: list[torch.Tensor | None] = list(attention_masks)
             sources = ["attention"] * len(texts)
             if grounder is not None and texts:
-                grounded = grounder(image, texts)
-                if len(grounded) != len(texts):
-                    raise ValueError(f"the grounder returned {len(grounded)} masks for {len(texts)} captions")
+                grounded = self._checked_grounded(grounder(image, texts), len(texts))
                 for i, mask in enumerate(grounded):
                     if mask is not None:
                         masks[i] = mask_to_tensor(mask, height, width, argument="grounder mask")
