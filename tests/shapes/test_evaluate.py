@@ -3,7 +3,9 @@
 import json
 import math
 import shutil
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -40,6 +42,7 @@ from realign_pipeline.shapes.evaluate import (
     true_mask_regions,
     wilson_interval,
 )
+from realign_pipeline.shapes.grounder import ShapesGrounder
 from realign_pipeline.shapes.judge import Detection, evaluate
 
 Z = 1.96
@@ -275,6 +278,13 @@ def test_world_without_a_pipeline_and_repeated_configurations_are_refused(tmp_pa
         main(["eval", "--configurations", "base", "base", "--output", str(tmp_path / "eval")])
 
 
+def test_wilson_interval_bounds_are_exact_at_the_ends():
+    # Without clamping, rounding puts these bounds just outside [0, 1] (5/5: 1 + 2e-16; 0/1: -1e-17).
+    assert wilson_interval(5, 5)[1] == 1.0 and wilson_interval(0, 1)[0] == 0.0
+    # One trial is a valid sample.
+    assert wilson_interval(1, 1) == pytest.approx((1 / (1 + Z * Z), 1.0))
+
+
 def test_wilson_interval_with_another_z():
     # 3 of 4 at z = 1: centre (0.75 + 1/8) / 1.25 = 0.7, half-width 0.8 * sqrt(3/64 + 1/64) = 0.2.
     assert wilson_interval(3, 4, z=1.0) == pytest.approx((0.5, 0.9), abs=1e-12)
@@ -370,19 +380,31 @@ def test_initial_noise_depends_on_the_prompt_alone():
     assert abs(a.mean().item()) < 0.15 and abs(a.std().item() - 1) < 0.1  # standard normal, 1024 draws
 
 
+def test_latent_shape_reads_the_unet_config():
+    def fake(sample_size):
+        return SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=sample_size, in_channels=4)))
+
+    assert latent_shape(fake(16)) == (4, 16, 16)
+    assert latent_shape(fake((16, 8))) == (4, 16, 8)
+
+
 class SpyPipeline:
-    """The real pipeline, recording the prompts and initial latents of every call."""
+    """The real pipeline, recording the prompts, initial latents, arguments and duration of every call."""
 
     def __init__(self, pipe):
         self.pipe = pipe
         self.calls: list[tuple[list[str], torch.Tensor, dict]] = []
+        self.durations: list[float] = []
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
     def __call__(self, prompts, **kwargs):
         self.calls.append((list(prompts), kwargs["latents"].clone(), kwargs))
-        return self.pipe(prompts, **kwargs)
+        started = time.perf_counter()
+        output = self.pipe(prompts, **kwargs)
+        self.durations.append(time.perf_counter() - started)
+        return output
 
     def latents_by_prompt(self) -> dict[str, torch.Tensor]:
         return {prompt: latents[k] for prompts, latents, _ in self.calls for k, prompt in enumerate(prompts)}
@@ -420,3 +442,42 @@ def test_every_configuration_starts_each_prompt_from_the_same_noise(world_pipe):
     true_masks = [kwargs for *_, kwargs in runs[("reweight-true-masks", 1)][0].calls]
     assert all(kwargs["realign"] is True and len(kwargs["regions"]) == 1 for kwargs in true_masks)
     assert all(kwargs["realign"] is False and kwargs["regions"] is None for *_, kwargs in runs[("base", 2)][0].calls)
+
+
+def test_run_configuration_hands_the_settings_to_the_pipeline_and_counts_every_prompt(world_pipe):
+    prompt_sets = {"binding": ["a red circle and a blue square", "a green triangle and a white circle"]}
+    prompt_sets["relation"] = ["a red circle on the left of a blue square"]
+    settings = EvalSettings(num_inference_steps=1, guidance_scale=2.5, batch_size=1, seed=4, coarse_stop_fraction=0.5)
+    spies = {}
+    for name in ("reweight-true-masks", "reweight-grounded"):
+        spies[name] = spy = SpyPipeline(world_pipe)
+        started = time.perf_counter()
+        result = run_configuration(spy, select_configurations([name])[0], prompt_sets, settings)
+        wall = time.perf_counter() - started
+        assert [(c.category, c.n) for c in result.categories.values()] == [("binding", 2), ("relation", 1)]
+        assert [r["prompt"] for c in result.categories.values() for r in c.records] == [
+            *prompt_sets["binding"],
+            *prompt_sets["relation"],
+        ]
+        # Generation time alone: at least each category's pipeline calls, at most the whole run.
+        assert result.categories["binding"].seconds >= sum(spy.durations[:2])
+        assert result.categories["relation"].seconds >= spy.durations[2]
+        assert sum(c.seconds for c in result.categories.values()) <= wall
+        assert result.categories["relation"].relation_correct is not None
+        assert result.categories["binding"].relation_correct is None
+        for batch_index, (_, _, kwargs) in enumerate(spy.calls):
+            assert (kwargs["num_inference_steps"], kwargs["guidance_scale"], kwargs["coarse_stop_fraction"]) == (
+                1,
+                2.5,
+                0.5,
+            )
+            assert kwargs["realign"] is True and kwargs["generator"].initial_seed() == 4 + batch_index
+    # True masks: the layout of each prompt comes from its own stream (seed, category position, index).
+    for (prompts, _, kwargs), (position, index) in zip(spies["reweight-true-masks"].calls, [(0, 0), (0, 1), (1, 0)]):
+        expected = true_mask_regions(prompts[0], np.random.default_rng([4, position, index]))
+        (regions,) = kwargs["regions"]
+        assert [caption for caption, _ in regions] == [caption for caption, _ in expected]
+        assert all(np.array_equal(mask, want) for (_, mask), (_, want) in zip(regions, expected))
+        assert kwargs["grounder"] is None
+    grounded = [kwargs for *_, kwargs in spies["reweight-grounded"].calls]
+    assert all(isinstance(kwargs["grounder"], ShapesGrounder) and kwargs["regions"] is None for kwargs in grounded)
