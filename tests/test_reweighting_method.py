@@ -429,3 +429,35 @@ def test_pipeline_records_the_conditional_half_in_the_coarse_pass(pipe, monkeypa
         # The unconditional half differs: recording it would fail the check above.
         unconditional = (attn.to_k(context[:1]) - attn.to_k(context[1:])).abs().max()
         assert unconditional > 1e-3
+
+
+def test_masks_from_attention_maps_normalise_each_region_to_its_own_range():
+    """Region A's maps sit on an offset of 5 (raw values 5.0-6.0), B's on 0: after per-region min-max
+    normalisation the same columns as above go to each region (the raw values would give A everything)."""
+    maps = torch.zeros(3, 4, 6)
+    maps[..., 1] = 5.0 + torch.tensor([1.0, 0.8, 0.6, 0.0])
+    maps[..., 4] = torch.tensor([0.0, 0.7, 0.9, 1.0])
+    region_a, region_b = masks_from_attention_maps(maps, [[1], [4]])
+    assert region_a.tolist() == [[True, True, False, False]] * 3
+    assert region_b.tolist() == [[False, False, True, True]] * 3
+
+
+@pytest.mark.parametrize("keep_graph", [False, True])
+def test_recorder_detaches_unless_asked_to_keep_the_graph(keep_graph):
+    probabilities = torch.rand(1, 2, 4, NUM_TOKENS, requires_grad=True)
+    recorder = CrossAttentionRecorder(keep_graph=keep_graph)
+    recorder.record(probabilities, (2, 2))
+    assert recorder.sums[(2, 2)].requires_grad is keep_graph
+    assert torch.allclose(recorder.sums[(2, 2)], probabilities.mean(1))
+
+
+def test_a_single_region_is_modulated(pipe, monkeypatch):
+    """A layout of one region is still a layout: the fine pass gets its tensors and re-weights."""
+    spy = UNetSpy(pipe.unet)
+    monkeypatch.setattr(pipe.unet, "forward", spy)
+    left, _ = left_right_masks()
+    pipe(PROMPT, regions=[("a red book", left)], num_inference_steps=1, modulation_fraction=1.0, output_type="latent")
+    (call,) = spy.calls
+    assert call["modulate"] is True
+    assert call["regions"] is not None
+    assert call["regions"].region_tokens[0, 0].nonzero().flatten().tolist() == RED_BOOK_TOKENS
