@@ -461,3 +461,19 @@ def test_a_single_region_is_modulated(pipe, monkeypatch):
     assert call["modulate"] is True
     assert call["regions"] is not None
     assert call["regions"].region_tokens[0, 0].nonzero().flatten().tolist() == RED_BOOK_TOKENS
+
+
+def test_without_guidance_every_batch_item_is_modulated():
+    """``conditional_half_only=False`` (no classifier-free guidance): both items of a batch of two follow
+    the formula, each with its own layout row."""
+    attn = identity_attention(True, reweighted_attention_reference)
+    hidden, context = cfg_inputs(True)
+    single = hand_made_state().regions
+    regions = RegionTensors(single.labels.repeat(2, 1, 1), single.region_tokens.repeat(2, 1, 1))
+    state = hand_made_state(regions=regions, conditional_half_only=False)
+    with torch.no_grad():
+        output = attn(hidden, encoder_hidden_states=context, realign_state=state)
+    lam = [TIME_FACTOR * rho for rho in AREA_FACTOR]
+    for item in range(2):
+        expected = multi_head(hidden[item].numpy(), context[item].numpy(), 2, lam, M_CROSS, 2**-0.5)
+        np.testing.assert_allclose(output[item].numpy(), expected, atol=2e-5)
