@@ -17,6 +17,7 @@ from realign_pipeline.pipeline_realign_diff import DroppedRegion, Layout, Region
 from realign_pipeline.shapes.data import (
     EVAL_CATEGORIES,
     PALETTE,
+    evaluation_prompts,
     parse_prompt,
     phrase_for,
     relation_holds,
@@ -336,6 +337,7 @@ def test_only_an_image_that_passes_every_check_passes():
     )
     assert result.relation_correct is None
     row = result.as_dict()
+    assert (row["category"], row["n"], row["passed"], row["generation_seconds"]) == ("count", 4, 1, 2.0)
     assert row["accuracy"] == 0.25 and row["ci95"] == list(wilson_interval(1, 4))
     assert (row["objects_present_rate"], row["binding_correct_rate"], row["count_correct_rate"]) == (0.75, 0.75, 0.25)
     assert row["seconds_per_image"] == 0.5 and row["relation_correct_rate"] is None
@@ -486,37 +488,135 @@ def test_every_configuration_starts_each_prompt_from_the_same_noise(world_pipe):
 def test_run_configuration_hands_the_settings_to_the_pipeline_and_counts_every_prompt(world_pipe):
     prompt_sets = {"binding": ["a red circle and a blue square", "a green triangle and a white circle"]}
     prompt_sets["relation"] = ["a red circle on the left of a blue square"]
-    settings = EvalSettings(num_inference_steps=1, guidance_scale=2.5, batch_size=1, seed=4, coarse_stop_fraction=0.5)
+    prompts = [*prompt_sets["binding"], *prompt_sets["relation"]]
+    settings = EvalSettings(num_inference_steps=1, guidance_scale=2.5, batch_size=2, seed=4, coarse_stop_fraction=0.5)
     spies = {}
     for name in ("reweight-true-masks", "reweight-grounded"):
         spies[name] = spy = SpyPipeline(world_pipe)
+        configuration = select_configurations([name])[0]
         started = time.perf_counter()
-        result = run_configuration(spy, select_configurations([name])[0], prompt_sets, settings)
+        result = run_configuration(spy, configuration, prompt_sets, settings)
         wall = time.perf_counter() - started
+        assert result.configuration is configuration
         assert [(c.category, c.n) for c in result.categories.values()] == [("binding", 2), ("relation", 1)]
-        assert [r["prompt"] for c in result.categories.values() for r in c.records] == [
-            *prompt_sets["binding"],
-            *prompt_sets["relation"],
-        ]
+        assert [r["prompt"] for c in result.categories.values() for r in c.records] == prompts
+        assert all("regions" in r for c in result.categories.values() for r in c.records)
         # Generation time alone: at least each category's pipeline calls, at most the whole run.
-        assert result.categories["binding"].seconds >= sum(spy.durations[:2])
-        assert result.categories["relation"].seconds >= spy.durations[2]
+        assert all(c.seconds >= d for c, d in zip(result.categories.values(), spy.durations))  # a call per category
         assert sum(c.seconds for c in result.categories.values()) <= wall
         assert result.categories["relation"].relation_correct is not None
         assert result.categories["binding"].relation_correct is None
+        assert [len(call[0]) for call in spy.calls] == [2, 1]
         for batch_index, (_, _, kwargs) in enumerate(spy.calls):
-            assert (kwargs["num_inference_steps"], kwargs["guidance_scale"], kwargs["coarse_stop_fraction"]) == (
-                1,
-                2.5,
-                0.5,
-            )
+            steps = (kwargs["num_inference_steps"], kwargs["guidance_scale"], kwargs["coarse_stop_fraction"])
+            assert steps == (1, 2.5, 0.5)
             assert kwargs["realign"] is True and kwargs["generator"].initial_seed() == 4 + batch_index
     # True masks: the layout of each prompt comes from its own stream (seed, category position, index).
-    for (prompts, _, kwargs), (position, index) in zip(spies["reweight-true-masks"].calls, [(0, 0), (0, 1), (1, 0)]):
-        expected = true_mask_regions(prompts[0], np.random.default_rng([4, position, index]))
-        (regions,) = kwargs["regions"]
+    true_masks = spies["reweight-true-masks"].calls
+    handed = [
+        (prompt, regions) for prompts, _, kwargs in true_masks for prompt, regions in zip(prompts, kwargs["regions"])
+    ]
+    for (prompt, regions), (position, index) in zip(handed, [(0, 0), (0, 1), (1, 0)]):
+        expected = true_mask_regions(prompt, np.random.default_rng([4, position, index]))
         assert [caption for caption, _ in regions] == [caption for caption, _ in expected]
         assert all(np.array_equal(mask, want) for (_, mask), (_, want) in zip(regions, expected))
-        assert kwargs["grounder"] is None
+    assert all(kwargs["grounder"] is None for *_, kwargs in true_masks)
     grounded = [kwargs for *_, kwargs in spies["reweight-grounded"].calls]
     assert all(isinstance(kwargs["grounder"], ShapesGrounder) and kwargs["regions"] is None for kwargs in grounded)
+
+
+def test_run_configuration_time_adds_up_over_batches(world_pipe):
+    spy = SpyPipeline(world_pipe)
+    settings = EvalSettings(num_inference_steps=1, batch_size=1)
+    prompt_sets = {"binding": ["a red circle and a blue square", "a green triangle and a white circle"]}
+    result = run_configuration(spy, select_configurations(["base"])[0], prompt_sets, settings)
+    assert len(spy.durations) == 2 and result.categories["binding"].seconds >= sum(spy.durations)
+
+
+def test_run_evaluation_returns_rows_in_the_order_asked(tmp_path):
+    settings = EvalSettings(prompts_per_category=1, num_inference_steps=1)
+    results = run_evaluation(BUILTIN_WORLD, select_configurations(["refl", "base"]), settings, progress=False)
+    assert [r.configuration.name for r in results] == ["refl", "base"]
+    for result in results:
+        assert list(result.categories) == list(EVAL_CATEGORIES) and result.n == 3
+        prompts = [record["prompt"] for c in result.categories.values() for record in c.records]
+        assert prompts == [evaluation_prompts(c, "held_out", 1, seed=0)[0] for c in EVAL_CATEGORIES]
+
+
+def test_load_pipeline_loads_the_asked_unet_in_float32():
+    from safetensors.torch import load_file
+
+    pipe = load_pipeline(BUILTIN_WORLD, "unet-refl")
+    saved = load_file(str(BUILTIN_WORLD / "unet-refl" / "diffusion_pytorch_model.safetensors"))
+    name, weight = next(iter(saved.items()))
+    assert weight.dtype == torch.float16 and pipe.unet.dtype == torch.float32
+    assert torch.equal(pipe.unet.state_dict()[name], weight.float())
+    assert pipe._progress_bar_config == {"disable": True}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"prompts_per_category": 0}, "prompts_per_category must be positive, got 0"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be positive, got 0"),
+        ({"batch_size": 0}, "batch_size must be positive, got 0"),
+        ({"split": "train"}, "split must be one of"),
+        ({"coarse_stop_fraction": 0.0}, r"coarse_stop_fraction must be in \(0, 1\], got 0.0"),
+        ({"coarse_stop_fraction": 1.5}, "coarse_stop_fraction must be in"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number >= 0, got nan"),
+        ({"guidance_scale": -0.5}, "guidance_scale must be a finite number >= 0"),
+    ],
+)
+def test_eval_settings_refuse_bad_values_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        EvalSettings(**options)
+
+
+def test_eval_settings_accept_the_edges():
+    EvalSettings(coarse_stop_fraction=1.0, guidance_scale=0.0)
+    EvalSettings(guidance_scale=0.5, prompts_per_category=1, num_inference_steps=1, batch_size=1)
+
+
+def test_configurations_refuse_bad_combinations_by_name():
+    with pytest.raises(ValueError, match="configuration 'x': masks='true' needs realign=True"):
+        EvalConfiguration("x", "masks without re-weighting", masks="true")
+    for subfolder in ("", "nested/unet"):
+        with pytest.raises(ValueError, match="configuration 'x': unet_subfolder must be a folder name"):
+            EvalConfiguration("x", "a path", unet_subfolder=subfolder)
+    assert [c.name for c in select_configurations()] == list(CONFIGURATION_NAMES)
+    with pytest.raises(ValueError, match="no configurations selected"):
+        select_configurations([])
+
+
+def test_check_world_names_every_missing_folder_and_its_rows(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a diffusers pipeline folder"):
+        check_world(tmp_path, select_configurations(["base"]))
+    world = copy_world(tmp_path / "world")
+    with pytest.raises(FileNotFoundError) as raised:
+        check_world(world, select_configurations(["refl", "full", "full-attention", "ranked"]))
+    assert str(raised.value) == (
+        f"missing UNet folder(s): {world / 'unet-refl'} (needed by refl, full, full-attention); "
+        f"{world / 'unet-ranked'} (needed by ranked). The fine-tuned UNets (unet-refl, unet-ranked) are made by "
+        f"`{FINETUNE_COMMAND}`; run it first, or leave those configurations out."
+    )
+
+
+def test_tables_of_one_row_and_their_exact_lines():
+    base = select_configurations(["base"])[0]
+    binding = CategoryResult("binding", 4, 1, 4, 2, 1, None, 2.0)
+    relation = CategoryResult("relation", 2, 0, 2, 2, 2, 1, 1.0)
+    result = ConfigurationResult(base, {"binding": binding, "relation": relation})
+    assert format_table([result]).splitlines()[:2] == [
+        "| configuration | UNet | re-weighting | binding (n=4) | relation (n=2) | all (n=6) | s/image |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    low, high = wilson_interval(1, 2)
+    assert format_criteria_table([result]).splitlines() == [
+        "| configuration | binding: binding correct (n=4) | relation: relation correct (n=2) |",
+        "|---|---|---|",
+        f"| base | 50.0 [{100 * wilson_interval(2, 4)[0]:.1f}, {100 * wilson_interval(2, 4)[1]:.1f}] | "
+        f"50.0 [{100 * low:.1f}, {100 * high:.1f}] |",
+    ]
+    for formatter in (format_table, format_criteria_table):
+        with pytest.raises(ValueError, match="no results to format"):
+            formatter([])

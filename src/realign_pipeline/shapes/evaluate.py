@@ -360,7 +360,8 @@ def initial_noise(seed: int, category_position: int, index: int, shape: Sequence
     """The initial latents (before the scheduler's ``init_noise_sigma``) of prompt ``index`` of the category at
     ``category_position``: standard normal noise of ``shape`` from a generator seeded by the three numbers alone,
     so every configuration, batch size and device starts that prompt from the same point."""
-    generator_seed = int(np.random.SeedSequence([seed, category_position, index]).generate_state(1, np.uint64)[0])
+    # One 32-bit word: torch's CPU generator (mt19937) keeps only the low 32 bits of a seed anyway.
+    generator_seed = int(np.random.SeedSequence([seed, category_position, index]).generate_state(1)[0])
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(generator_seed))
 
 
