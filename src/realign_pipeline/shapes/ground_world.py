@@ -1,0 +1,425 @@
+"""Ground the shapes world: make its object words, not its padding, carry the objects.
+
+    realign world ground --output outputs/shapes-world-grounded      (python -m realign_pipeline.shapes.ground_world)
+
+Why. Stable Diffusion's word tokens attend where their objects are drawn (Prompt-to-Prompt, DAAM),
+which is what DenseDiffusion's and RealignDiff's re-weighting relies on. The first shapes world read
+its prompt from the padding: CLIP's text encoder is causal, so every position after the last word
+(``<|endoftext|>`` and the padding, which repeats it) sees the whole prompt, and a small UNet
+trained from scratch found it easiest to attend there (95% of its 16×16 cross-attention). Boosting a
+region's words then changes nothing.
+
+How. The world's UNet and text encoder are fine-tuned on rendered scenes, whose true object masks the
+renderer gives for free, with three terms beside the ordinary denoising loss:
+
+1. **Blank padding.** Positions from ``<|endoftext|>`` on are replaced, in what the UNet sees, by
+   the empty prompt's encodings, and the text encoder is pulled to produce exactly those there
+   (an MSE term), so at inference, through a plain ``StableDiffusionPipeline``, the padding says
+   nothing about the prompt and the words must carry it.
+2. **TokenCompose's token loss** (Wang et al., arXiv 2312.03626, Eq. 3): for each object group and
+   every cross-attention resolution, ``(1 − Σ_{i∈mask} A_i / Σ_i A_i)²`` with ``A_i`` the attention of
+   pixel ``i`` on the group's words (colour and shape): the words' attention lands inside the object.
+3. **TokenCompose's pixel loss** (Eq. 4): a binary cross-entropy between ``A_i`` and the mask, which
+   also takes attention mass off the padding at object pixels (the term that moved most in a
+   first try, see issue [F]).
+
+The result stays an ordinary diffusers ``StableDiffusionPipeline`` folder (same architecture, same
+tokenizer, VAE and captioner as the world it starts from). One resumable, seeded command: the state is
+checkpointed as safetensors (weights, optimizer moments, EMA, RNG) every ``checkpoint_every`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ..pipeline_realign_diff import (
+    AttentionModulationState,
+    CrossAttentionRecorder,
+    RealignAttnProcessor,
+    words_with_token_positions,
+)
+from .data import IMAGE_SIZE, Sample, make_sample, parse_prompt, phrase_for
+
+WORLD = Path(__file__).with_name("world")
+MAX_GROUPS = 3  # scenes name at most three object groups
+
+
+@dataclass
+class GroundingConfig:
+    """Everything that decides the grounded world."""
+
+    world: str = str(WORLD)
+    output_dir: str = "outputs/shapes-world-grounded"
+    work_dir: str | None = None  # checkpoints and caches; default "<output_dir>-work"
+    seed: int = 0
+    num_threads: int = 1
+    num_images: int = 8000
+    steps: int = 2500
+    batch_size: int = 32
+    learning_rate: float = 2e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1
+    snr_gamma: float = 5.0
+    # Against a denoising loss near 0.01: TokenCompose's own 1e-3 / 5e-5 barely move a model this small.
+    token_loss_weight: float = 0.3
+    pixel_loss_weight: float = 0.05
+    padding_loss_weight: float = 1.0
+    checkpoint_every: int = 100
+    log_every: int = 25
+
+    @property
+    def work(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(str(self.output_dir).rstrip("/") + "-work")
+
+
+# ---------------------------------------------------------------------------------------------
+# data: latents, token ids, per-group word positions and masks at every attention resolution
+
+
+def phrase_token_positions(tokenizer: CLIPTokenizer, prompt: str) -> list[list[int]]:
+    """Token positions of the colour and shape word of each object group of a shapes-world prompt.
+
+    Groups are the prompt's, in order; a group's words are found as its phrase ("two red circles") in the
+    prompt's words, first unused occurrence first. The count word is left out, as the pipeline leaves it out
+    of a region's tokens (it is not a content word).
+    """
+    words = words_with_token_positions(tokenizer, prompt)
+    texts = [word.text for word in words]
+    used: set[int] = set()
+    positions = []
+    for group in parse_prompt(prompt).groups:
+        phrase = phrase_for(group).split()
+        start = next(
+            s for s in range(len(texts) - len(phrase) + 1) if texts[s : s + len(phrase)] == phrase and s not in used
+        )
+        used.add(start)
+        positions.append([p for word in words[start + 1 : start + len(phrase)] for p in word.token_positions])
+    return positions
+
+
+def group_masks(sample: Sample, grids: list[int]) -> dict[int, torch.Tensor]:
+    """Each group's mask (union of its objects) area-resized to every grid: ``{g: (MAX_GROUPS, g, g)}``."""
+    full = torch.zeros(MAX_GROUPS, IMAGE_SIZE, IMAGE_SIZE)
+    for obj, mask in zip(sample.scene.objects, sample.masks):
+        full[obj.group] = torch.maximum(full[obj.group], torch.from_numpy(mask).float())
+    return {grid: F.interpolate(full[None], size=(grid, grid), mode="area")[0] for grid in grids}
+
+
+@dataclass
+class GroundingData:
+    latents: torch.Tensor  # (N, 4, 16, 16), scaled
+    ids: torch.Tensor  # (N, 77)
+    word_tokens: torch.Tensor  # (N, MAX_GROUPS, 77) bool: each group's words
+    masks: dict[int, torch.Tensor]  # grid -> (N, MAX_GROUPS, grid, grid) soft masks
+
+
+@torch.no_grad()
+def build_data(
+    config: GroundingConfig, tokenizer: CLIPTokenizer, vae: AutoencoderKL, grids: list[int]
+) -> GroundingData:
+    """Render ``num_images`` training scenes (held-out pairings excluded) and encode them once."""
+    cache = config.work / f"data-n{config.num_images}-s{config.seed}.safetensors"
+    if cache.exists():
+        tensors = load_file(cache)
+        masks = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("masks.")}
+        return GroundingData(tensors["latents"], tensors["ids"], tensors["word_tokens"], masks)
+    length = tokenizer.model_max_length
+    word_tokens = torch.zeros(config.num_images, MAX_GROUPS, length, dtype=torch.bool)
+    masks = {grid: torch.zeros(config.num_images, MAX_GROUPS, grid, grid) for grid in grids}
+    captions, latents = [], []
+    pixels = []
+    for index in tqdm(range(config.num_images), desc="render", mininterval=5.0):
+        sample = make_sample(config.seed + 100, index, "train")
+        captions.append(sample.scene.caption)
+        for group, positions in enumerate(phrase_token_positions(tokenizer, sample.scene.caption)):
+            word_tokens[index, group, positions] = True
+        for grid, resized in group_masks(sample, grids).items():
+            masks[grid][index] = resized
+        pixels.append(np.asarray(sample.image))
+        if len(pixels) == 256 or index == config.num_images - 1:
+            batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+            latents.append(vae.encode(batch).latent_dist.mean * vae.config.scaling_factor)
+            pixels = []
+    ids = tokenizer(captions, padding="max_length", max_length=length, return_tensors="pt").input_ids
+    data = GroundingData(torch.cat(latents), ids, word_tokens, masks)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"latents": data.latents.contiguous(), "ids": data.ids, "word_tokens": data.word_tokens}
+    tensors.update({f"masks.{grid}": value for grid, value in data.masks.items()})
+    save_file(tensors, str(cache))
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# the losses (pure functions)
+
+
+def padding_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``(B, L)`` bool: positions from the first ``<|endoftext|>`` on (the end token and the padding)."""
+    is_eos = ids == eos_token_id
+    return is_eos.cumsum(dim=1) > 0
+
+
+def token_grounding_loss(
+    attention: torch.Tensor, word_tokens: torch.Tensor, masks: torch.Tensor, present: torch.Tensor
+) -> torch.Tensor:
+    """TokenCompose's token loss (arXiv 2312.03626, Eq. 3) at one resolution.
+
+    ``attention`` ``(B, N, L)`` (probabilities over the L text tokens, heads averaged), ``word_tokens``
+    ``(B, G, L)`` bool, ``masks`` ``(B, G, N)`` in [0, 1], ``present`` ``(B, G)`` bool. Per group:
+    ``(1 − Σ_i m_i A_i / Σ_i A_i)²`` with ``A_i = Σ_{j∈group} attention_ij``; mean over present groups.
+    """
+    group_attention = torch.einsum("bnl,bgl->bgn", attention, word_tokens.to(attention.dtype))
+    inside = (group_attention * masks).sum(-1) / group_attention.sum(-1).clamp(min=1e-8)
+    per_group = (1.0 - inside) ** 2
+    return (per_group * present).sum() / present.sum().clamp(min=1)
+
+
+def pixel_grounding_loss(
+    attention: torch.Tensor, word_tokens: torch.Tensor, masks: torch.Tensor, present: torch.Tensor
+) -> torch.Tensor:
+    """TokenCompose's pixel loss (Eq. 4) at one resolution: BCE between ``A_i`` and the group's mask.
+
+    Same arguments as ``token_grounding_loss``. Pushes ``A_i`` up inside the object (mass off the padding
+    and off other objects' words) and down outside it.
+    """
+    group_attention = torch.einsum("bnl,bgl->bgn", attention, word_tokens.to(attention.dtype))
+    bce = F.binary_cross_entropy(group_attention.clamp(1e-6, 1 - 1e-6), masks, reduction="none").mean(-1)
+    return (bce * present).sum() / present.sum().clamp(min=1)
+
+
+def lr_at(step: int, config: GroundingConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the rate: a pure function of the step."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return config.learning_rate * (
+        config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints (safetensors only: nothing is unpickled on resume)
+
+
+def save_state(
+    path: Path,
+    step: int,
+    params: list[torch.Tensor],
+    optimizer: torch.optim.AdamW,
+    ema: list[torch.Tensor],
+    generator: torch.Generator,
+) -> None:
+    """Weights, Adam moments, EMA and the RNG state, written atomically."""
+    tensors = {"generator": generator.get_state()}
+    for index, (param, average) in enumerate(zip(params, ema)):
+        tensors[f"param.{index}"] = param.detach().contiguous()
+        tensors[f"ema.{index}"] = average.contiguous()
+        state = optimizer.state.get(param)
+        if state:
+            tensors[f"exp_avg.{index}"] = state["exp_avg"].contiguous()
+            tensors[f"exp_avg_sq.{index}"] = state["exp_avg_sq"].contiguous()
+            tensors[f"adam_step.{index}"] = torch.as_tensor(state["step"]).reshape(1).float()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    os.replace(tmp, path)
+
+
+def load_state(
+    path: Path,
+    params: list[torch.Tensor],
+    optimizer: torch.optim.AdamW,
+    ema: list[torch.Tensor],
+    generator: torch.Generator,
+) -> int:
+    """Restore what ``save_state`` wrote; returns the step (0 when there is no checkpoint)."""
+    if not path.exists():
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        step = int(handle.metadata()["step"])
+    tensors = load_file(str(path))
+    generator.set_state(tensors["generator"])
+    with torch.no_grad():
+        for index, (param, average) in enumerate(zip(params, ema)):
+            param.copy_(tensors[f"param.{index}"])
+            average.copy_(tensors[f"ema.{index}"])
+            if f"exp_avg.{index}" in tensors:
+                optimizer.state[param] = {
+                    "step": tensors[f"adam_step.{index}"][0].clone(),
+                    "exp_avg": tensors[f"exp_avg.{index}"].clone(),
+                    "exp_avg_sq": tensors[f"exp_avg_sq.{index}"].clone(),
+                }
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def ground_world(config: GroundingConfig) -> dict:
+    """Fine-tune (or resume fine-tuning) the world's UNet and text encoder; write the grounded folder."""
+    torch.set_num_threads(config.num_threads)
+    world = Path(config.world)
+    if not (world / "model_index.json").is_file():
+        raise ValueError(f"`world` must be a shapes-world pipeline folder with a model_index.json, got {world}.")
+    tokenizer = CLIPTokenizer.from_pretrained(world, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(world, subfolder="text_encoder", dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(world, subfolder="unet", dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(world, subfolder="vae", dtype=torch.float32)
+    noise_scheduler = DDPMScheduler.from_pretrained(world, subfolder="scheduler")
+    latent_side = unet.config.sample_size
+    grids = sorted({latent_side >> level for level in range(len(unet.config.block_out_channels))}, reverse=True)
+    data = build_data(config, tokenizer, vae, grids)
+    del vae
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.01)
+    ema = [p.detach().clone() for p in params]
+    generator = torch.Generator().manual_seed(config.seed + 40)
+    checkpoint = config.work / "grounding.safetensors"
+    step = start = load_state(checkpoint, params, optimizer, ema, generator)
+
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    loss_weights = torch.clamp(snr, max=config.snr_gamma) / snr
+    length = tokenizer.model_max_length
+    empty_ids = tokenizer([""], padding="max_length", max_length=length, return_tensors="pt").input_ids
+    unet.set_attn_processor(RealignAttnProcessor())
+    log_file = config.work / "log.jsonl"
+    bar = tqdm(total=config.steps, initial=step, desc="ground", mininterval=5.0, dynamic_ncols=True)
+    started, sums = time.time(), {}
+    unet.train()
+    text_encoder.train()
+    while step < config.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        index = torch.randint(len(data.latents), (config.batch_size,), generator=generator)
+        clean = data.latents[index]
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        dropped = torch.rand(len(index), generator=generator) < config.caption_dropout
+        ids = torch.where(dropped[:, None], empty_ids, data.ids[index])
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+
+        encoded = text_encoder(ids)[0]
+        empty = text_encoder(empty_ids)[0]
+        padding = padding_positions(ids, tokenizer.eos_token_id)
+        padding_loss = ((encoded - empty.detach()) ** 2).mean(-1)[padding].mean()
+        # What the UNet sees: the words, then the empty prompt's end and padding (term 1).
+        seen = torch.where(padding[..., None], empty.expand_as(encoded), encoded)
+        recorder = CrossAttentionRecorder(keep_graph=True)
+        state = AttentionModulationState(
+            latent_size=(latent_side, latent_side), recorder=recorder, conditional_half_only=False
+        )
+        prediction = unet(noisy, timesteps, seen, cross_attention_kwargs={"realign_state": state}).sample
+        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+        denoising_loss = (per_sample * loss_weights[timesteps]).mean()
+
+        present = data.word_tokens[index].any(-1) & ~dropped[:, None]
+        token_loss = pixel_loss = torch.zeros(())
+        maps_by_grid = recorder.mean_maps()
+        # Averaged over the resolutions (16×16, 8×8 and the 4×4 mid block), each already averaged over its layers.
+        for (height, width), maps in maps_by_grid.items():
+            attention = maps.reshape(len(index), height * width, -1)
+            masks = data.masks[height][index].flatten(2)
+            token_loss = token_loss + token_grounding_loss(attention, data.word_tokens[index], masks, present)
+            pixel_loss = pixel_loss + pixel_grounding_loss(attention, data.word_tokens[index], masks, present)
+        token_loss, pixel_loss = token_loss / len(maps_by_grid), pixel_loss / len(maps_by_grid)
+        loss = (
+            denoising_loss
+            + config.padding_loss_weight * padding_loss
+            + config.token_loss_weight * token_loss
+            + config.pixel_loss_weight * pixel_loss
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            rate = min(config.ema_decay, (1 + step) / (10 + step))
+            for average, param in zip(ema, params):
+                average.lerp_(param.detach(), 1 - rate)
+        step += 1
+        bar.update(1)
+        values = {
+            "denoising": per_sample.mean().item(),
+            "padding": padding_loss.item(),
+            "token": token_loss.item(),
+            "pixel": pixel_loss.item(),
+        }
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value
+        if step % config.log_every == 0:
+            record = {"step": step, **{k: v / config.log_every for k, v in sums.items()}}
+            record["s_per_step"] = (time.time() - started) / (step - start)
+            with open(log_file, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
+            sums = {}
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            save_state(checkpoint, step, params, optimizer, ema, generator)
+    bar.close()
+
+    with torch.no_grad():
+        for param, average in zip(params, ema):
+            param.copy_(average)
+    unet.set_attn_processor(AttnProcessor2_0())
+    export(config, unet, text_encoder)
+    info = {"steps": step, "resumed_from": start, "seconds_this_run": time.time() - started}
+    info["config"] = dataclasses.asdict(config)
+    (Path(config.output_dir) / "grounding_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def export(config: GroundingConfig, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> Path:
+    """The grounded world: a copy of the world folder with the new UNet (float16) and text encoder."""
+    output = Path(config.output_dir)
+    world = Path(config.world)
+    if output.exists():
+        shutil.rmtree(output)
+    shutil.copytree(world, output, ignore=shutil.ignore_patterns("unet-*", "training_info.json", "samples.png"))
+    unet.to(torch.float16).save_pretrained(output / "unet", safe_serialization=True)
+    unet.to(torch.float32)
+    text_encoder.save_pretrained(output / "text_encoder", safe_serialization=True)
+    return output
+
+
+def parse_args(argv: list[str] | None = None) -> GroundingConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for field in dataclasses.fields(GroundingConfig):
+        if field.name == "work_dir":
+            parser.add_argument("--work-dir", default=None)
+            continue
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
+    return GroundingConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    info = ground_world(parse_args(argv))
+    print(json.dumps({k: v for k, v in info.items() if k != "config"}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Is the shapes world a stand-in for Stable Diffusion where RealignDiff needs one? Three measurements.
+
+    realign world probe --world <folder> --split development
+
+RealignDiff's fine stage (after DenseDiffusion) assumes that a word's cross-attention marks where its object
+is drawn (Prompt-to-Prompt, DAAM) and that the words, not the padding, carry the objects. On generated
+images of a prompt split (each object located by the judge) this module measures:
+
+1. ``inside_share``: of the cross-attention on an object's words (colour and shape) at the 16×16 layers,
+   the share that falls on the object's pixels; ``word_mass``: the attention mass those pixels give to
+   their own words (the rest goes to other words, ``<|startoftext|>``, the end token and the padding);
+2. ``attention_mask_iou``: the IoU of the masks that the pipeline's own attention grounder
+   (``masks_from_attention_maps`` over the steps the coarse pass runs) gives each object phrase with the
+   judge's mask of that object in the finished image from the same noise;
+3. the blank-the-words test: each named colour's presence when the prompt is encoded as it is, when the
+   word tokens' encodings are replaced by the empty prompt's at the same positions (everything else, end
+   token and padding included, left as the prompt's), and for the empty prompt. If the words carry the
+   objects, blanking them drops named colours to the empty prompt's rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+
+from ..pipeline_realign_diff import (
+    AttentionModulationState,
+    CrossAttentionRecorder,
+    RealignAttnProcessor,
+    attention_map_grid,
+    masks_from_attention_maps,
+    words_with_token_positions,
+)
+from .data import COLOURS, IMAGE_SIZE, parse_prompt
+from .ground_world import phrase_token_positions
+from .judge import judge
+
+
+@dataclass
+class ProbeResult:
+    """Per-object and per-image measurements; ``summary()`` averages them."""
+
+    inside_share: list[float] = field(default_factory=list)
+    word_mass: list[float] = field(default_factory=list)
+    attention_mask_iou: list[float] = field(default_factory=list)
+    colour_present: dict[str, list[bool]] = field(default_factory=lambda: {"prompt": [], "blanked": [], "empty": []})
+    objects_found: int = 0
+    objects_named: int = 0
+
+    def summary(self) -> dict:
+        def mean(values: list) -> float:
+            return float(np.mean(values)) if values else math.nan
+
+        return {
+            "objects_named": self.objects_named,
+            "objects_found_by_judge": self.objects_found,
+            "inside_share": mean(self.inside_share),
+            "word_mass": mean(self.word_mass),
+            "attention_mask_iou": mean(self.attention_mask_iou),
+            "attention_mask_iou_at_least_0.5": mean([v >= 0.5 for v in self.attention_mask_iou]),
+            "named_colour_present": {key: mean(values) for key, values in self.colour_present.items()},
+        }
+
+
+def judge_masks(image, prompt: str) -> list[np.ndarray | None]:
+    """The judge's pixels of each object group (the union of its matching detections), ``None`` if not drawn."""
+    detections = judge(image, prompt).detections
+    masks = []
+    for group in parse_prompt(prompt).groups:
+        found = [d.mask for d in detections if d.colour == group.colour and d.shape == group.shape]
+        masks.append(np.any(found, axis=0) if found else None)
+    return masks
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def blanked_word_embeddings(pipe: StableDiffusionPipeline, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's encoding with every position between ``<|startoftext|>`` and the end token replaced by
+    the empty prompt's encoding at the same position; and the empty prompt's encoding."""
+    length = pipe.tokenizer.model_max_length
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    empty_ids = pipe.tokenizer([""], padding="max_length", max_length=length, return_tensors="pt").input_ids
+    encoded = pipe.text_encoder(ids.input_ids.to(pipe.device))[0]
+    empty = pipe.text_encoder(empty_ids.to(pipe.device))[0]
+    words = torch.zeros(ids.input_ids.shape, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        for word in words_with_token_positions(pipe.tokenizer, prompt):
+            words[row, [p for p in word.token_positions if p < length - 1]] = True
+    blanked = torch.where(words[..., None].to(encoded.device), empty.expand_as(encoded), encoded)
+    return blanked, empty.expand_as(encoded)
+
+
+@torch.no_grad()
+def probe_world(
+    pipe: StableDiffusionPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    num_inference_steps: int = 25,
+    guidance_scale: float = 4.0,
+    coarse_stop_fraction: float = 0.3,
+) -> ProbeResult:
+    """Measure the three properties on ``prompts`` × ``seeds`` (module docstring).
+
+    ``pipe`` is a plain ``StableDiffusionPipeline`` of the world: the measurements are of the model, not of
+    RealignDiff; the pipeline's attention processor is installed only to record cross-attention.
+    """
+    result = ProbeResult()
+    pipe.unet.set_attn_processor(RealignAttnProcessor())
+    latent = pipe.unet.config.sample_size
+    coarse_steps = max(1, round(coarse_stop_fraction * num_inference_steps))
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        shape = (len(prompts), pipe.unet.config.in_channels, latent, latent)
+        latents = torch.randn(shape, generator=generator)
+        state = AttentionModulationState(latent_size=(latent, latent), recorder=CrossAttentionRecorder())
+        early: dict = {}
+
+        def keep_early_maps(pipeline, step, timestep, callback_kwargs, state=state, early=early):
+            # The attention grounder sees only the steps the coarse pass runs.
+            if step == coarse_steps - 1:
+                early.update(state.recorder.mean_maps())
+            return callback_kwargs
+
+        images = pipe(
+            prompts,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            latents=latents.clone(),
+            cross_attention_kwargs={"realign_state": state},
+            callback_on_step_end=keep_early_maps,
+        ).images
+        all_steps = state.recorder.mean_maps()
+        for index, (prompt, image) in enumerate(zip(prompts, images)):
+            groups = phrase_token_positions(pipe.tokenizer, prompt)
+            found = judge_masks(image, prompt)
+            result.objects_named += len(groups)
+            result.objects_found += sum(mask is not None for mask in found)
+            maps16 = all_steps[(latent, latent)][index]
+            grid = attention_map_grid(list(early), (latent, latent))
+            own_masks = masks_from_attention_maps(early[grid][index], groups)
+            for tokens, mask, own in zip(groups, found, own_masks):
+                if mask is None:
+                    continue
+                cells = F.interpolate(torch.from_numpy(mask).float()[None, None], size=(latent, latent), mode="area")
+                cells = cells[0, 0]
+                word_map = maps16[..., tokens].sum(-1)
+                result.inside_share.append(float((word_map * cells).sum() / word_map.sum().clamp(min=1e-12)))
+                result.word_mass.append(float((word_map * cells).sum() / cells.sum().clamp(min=1e-12)))
+                own_full = F.interpolate(own.float()[None, None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="nearest")
+                result.attention_mask_iou.append(iou(own_full[0, 0].numpy() > 0.5, mask))
+
+        blanked, empty = blanked_word_embeddings(pipe, prompts)
+        for key, embeds in (("prompt", None), ("blanked", blanked), ("empty", empty)):
+            kwargs = (
+                {"prompt": prompts} if embeds is None else {"prompt_embeds": embeds, "negative_prompt_embeds": empty}
+            )
+            images = pipe(
+                **kwargs,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                latents=latents.clone(),
+            ).images
+            for prompt, image in zip(prompts, images):
+                drawn = {d.colour for d in judge(image, prompt).detections}
+                named = [c for c in COLOURS if c in prompt.split()]
+                result.colour_present[key].extend(colour in drawn for colour in named)
+    return result
+

@@ -1,0 +1,144 @@
+"""The grounding fine-tune of the shapes world: its losses on hand-made cases, its data, and resume."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPTokenizer
+
+from realign_pipeline.shapes.data import make_sample
+from realign_pipeline.shapes.ground_world import (
+    WORLD,
+    GroundingConfig,
+    ground_world,
+    group_masks,
+    load_state,
+    padding_positions,
+    phrase_token_positions,
+    pixel_grounding_loss,
+    save_state,
+    token_grounding_loss,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CLIPTokenizer.from_pretrained(WORLD, subfolder="tokenizer")
+
+
+def test_padding_starts_at_the_first_end_token():
+    ids = torch.tensor([[49406, 5, 6, 49407, 49407, 49407], [49406, 49407, 49407, 49407, 49407, 49407]])
+    expected = torch.tensor([[False, False, False, True, True, True], [False, True, True, True, True, True]])
+    assert torch.equal(padding_positions(ids, 49407), expected)
+
+
+def hand_case():
+    # Four pixels, three tokens; the group owns token 1; its object covers pixels 0 and 1.
+    attention = torch.tensor([[[0.2, 0.6, 0.2], [0.5, 0.3, 0.2], [0.8, 0.1, 0.1], [0.9, 0.0, 0.1]]])
+    word_tokens = torch.tensor([[[False, True, False]]])
+    masks = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])
+    return attention, word_tokens, masks
+
+
+def test_token_loss_is_one_minus_the_share_inside_squared():
+    attention, word_tokens, masks = hand_case()
+    inside = (0.6 + 0.3) / (0.6 + 0.3 + 0.1 + 0.0)
+    loss = token_grounding_loss(attention, word_tokens, masks, torch.tensor([[True]]))
+    assert loss.item() == pytest.approx((1 - inside) ** 2)
+    # An absent group (dropped caption) contributes nothing.
+    assert token_grounding_loss(attention, word_tokens, masks, torch.tensor([[False]])).item() == 0.0
+
+
+def test_pixel_loss_is_the_binary_cross_entropy_of_the_words_attention_and_the_mask():
+    attention, word_tokens, masks = hand_case()
+    values, targets = [0.6, 0.3, 0.1, 1e-6], [1, 1, 0, 0]
+    expected = np.mean([-(t * math.log(v) + (1 - t) * math.log(1 - v)) for v, t in zip(values, targets)])
+    loss = pixel_grounding_loss(attention, word_tokens, masks, torch.tensor([[True]]))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_better_grounded_map_has_lower_losses():
+    attention, word_tokens, masks = hand_case()
+    grounded = torch.tensor([[[0.1, 0.9, 0.0], [0.1, 0.9, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])
+    present = torch.tensor([[True]])
+    for loss in (token_grounding_loss, pixel_grounding_loss):
+        assert loss(grounded, word_tokens, masks, present) < loss(attention, word_tokens, masks, present)
+
+
+def test_each_group_owns_its_colour_and_shape_words(tokenizer):
+    for index in range(40):
+        sample = make_sample(0, index, "train")
+        words = sample.scene.caption.replace(",", " ,").split()
+        positions = phrase_token_positions(tokenizer, sample.scene.caption)
+        assert len(positions) == len(sample.scene.spec.groups)
+        for group, tokens in zip(sample.scene.spec.groups, positions):
+            # One token per world word; position p is word p - 1 (0 is <|startoftext|>).
+            assert [words[p - 1] for p in tokens] == [group.colour, words[tokens[1] - 1]]
+            assert words[tokens[1] - 1].startswith(group.shape)
+
+
+def test_group_masks_are_the_union_of_the_groups_objects_resized_by_area():
+    sample = next(
+        make_sample(0, i, "train") for i in range(100) if make_sample(0, i, "train").scene.category == "count"
+    )
+    masks = group_masks(sample, [64, 16])
+    for group in range(len(sample.scene.spec.groups)):
+        union = np.any([m for o, m in zip(sample.scene.objects, sample.masks) if o.group == group], axis=0)
+        assert np.array_equal(masks[64][group].numpy() > 0.5, union)
+        assert masks[16][group].sum().item() == pytest.approx(union.sum() / 16, rel=1e-5)
+
+
+def test_state_round_trips_through_safetensors(tmp_path):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    optimizer = torch.optim.AdamW(params, lr=0.1)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    ema = [p.detach() * 0.5 for p in params]
+    generator = torch.Generator().manual_seed(7)
+    path = tmp_path / "state.safetensors"
+    save_state(path, 5, params, optimizer, ema, generator)
+    assert set(load_file(path)) >= {"generator", "param.0", "ema.1", "exp_avg.0", "exp_avg_sq.1"}
+
+    fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+    fresh_optimizer = torch.optim.AdamW(fresh, lr=0.1)
+    fresh_ema = [torch.zeros_like(p) for p in params]
+    fresh_generator = torch.Generator()
+    assert load_state(path, fresh, fresh_optimizer, fresh_ema, fresh_generator) == 5
+    for a, b in zip(fresh + fresh_ema, params + ema):
+        assert torch.equal(a.detach(), b.detach())
+    assert torch.equal(torch.rand(3, generator=fresh_generator), torch.rand(3, generator=generator))
+    for a, b in zip(fresh, params):
+        assert torch.equal(fresh_optimizer.state[a]["exp_avg"], optimizer.state[b]["exp_avg"])
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_the_uninterrupted_run(tmp_path):
+    def config(name, steps):
+        return GroundingConfig(
+            output_dir=str(tmp_path / name), num_images=8, steps=steps, batch_size=2, checkpoint_every=1, log_every=1
+        )
+
+    ground_world(config("straight", 2))
+    ground_world(config("resumed", 1))
+    assert ground_world(config("resumed", 2))["resumed_from"] == 1
+    straight = load_file(tmp_path / "straight-work" / "grounding.safetensors")
+    resumed = load_file(tmp_path / "resumed-work" / "grounding.safetensors")
+    assert set(straight) == set(resumed)
+    # Same batches, noise and optimizer state; the kernels' float rounding in a fresh process differs at ~1e-9.
+    for name in straight:
+        assert torch.allclose(straight[name].float(), resumed[name].float(), rtol=1e-5, atol=1e-7), name
+    first_step = load_file(tmp_path / "straight-work" / "grounding.safetensors")
+    assert not torch.equal(first_step["generator"], torch.Generator().manual_seed(40).get_state())
+    # The grounded folder is an ordinary Stable Diffusion folder.
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "resumed")
+    assert pipe.unet.config.sample_size == 16
+
+
+def test_a_folder_without_model_index_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="`world`"):
+        ground_world(GroundingConfig(world=str(tmp_path), output_dir=str(tmp_path / "out")))

@@ -1,0 +1,100 @@
+"""The layout-control benchmark: its layouts, its placement score on rendered scenes, its paired intervals."""
+
+import numpy as np
+import pytest
+
+from realign_pipeline.shapes.data import ObjectGroup, PromptSpec, Scene, ShapeObject, render_scene
+from realign_pipeline.shapes.layout_control import (
+    PLACED_SHARE,
+    LayoutCase,
+    layout_cases,
+    paired_interval,
+    random_boxes,
+    score_placement,
+    strip_masks,
+)
+
+
+def test_strips_partition_the_image():
+    for count, vertical in ((2, True), (2, False), (3, True)):
+        masks = strip_masks(count, vertical)
+        assert np.array_equal(np.sum(masks, axis=0), np.ones((64, 64)))
+        assert masks[0][0, 0] and not masks[-1][0, 0]
+    left, right = strip_masks(2, vertical=True)
+    assert left[:, :32].all() and not left[:, 32:].any()
+
+
+def test_random_boxes_do_not_overlap_and_hold_a_shape():
+    rng = np.random.default_rng(0)
+    for count, (low, high) in ((2, (26, 34)), (3, (22, 28))):
+        for _ in range(20):
+            masks = random_boxes(count, rng)
+            assert len(masks) == count and np.sum(masks, axis=0).max() == 1
+            assert all(low * low <= mask.sum() <= high * high for mask in masks)
+
+
+def test_every_case_comes_with_its_swap():
+    prompts = ["a red circle and a blue square", "a red circle, a blue square and a green triangle"]
+    cases = layout_cases(prompts)
+    assert [(c.prompt == prompts[0], c.kind, c.swapped) for c in cases] == [
+        (True, "halves", False),
+        (True, "halves", True),
+        (True, "boxes", False),
+        (True, "boxes", True),
+        (False, "thirds", False),
+        (False, "thirds", True),
+        (False, "boxes", False),
+        (False, "boxes", True),
+    ]
+    for case, swap in zip(cases[::2], cases[1::2]):
+        assert all(np.array_equal(a, b) for a, b in zip(case.masks, reversed(swap.masks)))
+    with pytest.raises(ValueError, match="two or three object groups"):
+        layout_cases(["a red circle"])
+    with pytest.raises(ValueError, match="`kinds`"):
+        layout_cases(prompts, kinds=("quarters",))
+
+
+def scene(left, right):
+    """A red circle at ``left``'s bbox and a blue square at ``right``'s."""
+    spec = PromptSpec((ObjectGroup("red", "circle"), ObjectGroup("blue", "square")))
+    objects = (ShapeObject("red", "circle", left, 0), ShapeObject("blue", "square", right, 1))
+    return render_scene(Scene(spec, objects, "a red circle and a blue square"))[0]
+
+
+def test_placement_is_judged_where_the_objects_are_drawn():
+    prompt = "a red circle and a blue square"
+    image = scene((6, 20, 24, 38), (40, 20, 58, 38))  # circle in the left half, square in the right
+    halves = strip_masks(2, vertical=True)
+    asked = score_placement(
+        image, LayoutCase(prompt, ("a red circle", "a blue square"), tuple(halves), "halves", False)
+    )
+    assert asked.shares == [1.0, 1.0] and asked.placed and asked.present
+    swapped = score_placement(
+        image, LayoutCase(prompt, ("a red circle", "a blue square"), tuple(halves[::-1]), "halves", True)
+    )
+    assert swapped.shares == [0.0, 0.0] and not swapped.placed and swapped.present
+    # A circle straddling the middle: its share is its fraction on the left.
+    straddling = scene((23, 20, 41, 38), (44, 44, 60, 60))
+    share = score_placement(straddling, LayoutCase(prompt, ("", ""), tuple(halves), "halves", False)).shares[0]
+    assert 0.4 < share < 0.6 and share < PLACED_SHARE
+
+
+def test_an_object_not_drawn_counts_as_zero_and_not_present():
+    image = render_scene(
+        Scene(
+            PromptSpec((ObjectGroup("red", "circle"),)),
+            (ShapeObject("red", "circle", (6, 20, 24, 38), 0),),
+            "a red circle",
+        )
+    )[0]
+    score = score_placement(
+        image, LayoutCase("a red circle and a blue square", ("", ""), tuple(strip_masks(2, True)), "halves", False)
+    )
+    assert score.shares == [1.0, 0.0] and not score.present and not score.placed
+
+
+def test_paired_interval_by_hand():
+    mean, low, high = paired_interval([1, 1, 0, 1], [0, 1, 0, 0])
+    differences = np.array([1, 0, 0, 1])
+    half = 1.96 * differences.std(ddof=1) / 2
+    assert (mean, low, high) == pytest.approx((0.5, 0.5 - half, 0.5 + half))

@@ -1,0 +1,73 @@
+"""The stand-in measurements: token positions, judge masks, the blanked encodings and one small probe run."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from realign_pipeline.shapes.data import make_sample
+from realign_pipeline.shapes.ground_world import WORLD, phrase_token_positions
+from realign_pipeline.shapes.stand_in import (
+    blanked_word_embeddings,
+    iou,
+    judge_masks,
+    probe_world,
+)
+
+
+@pytest.fixture(scope="module")
+def world():
+    pipe = StableDiffusionPipeline.from_pretrained(WORLD, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_phrase_word_positions_are_the_colour_and_shape_tokens(world):
+    # <|startoftext|> a red circle on the left of two blue squares: one token per word.
+    assert phrase_token_positions(world.tokenizer, "a red circle on the left of two blue squares") == [[2, 3], [9, 10]]
+    # The same phrase twice is not possible in the world; the same colour in two phrases is.
+    assert phrase_token_positions(world.tokenizer, "a red circle and a red square") == [[2, 3], [6, 7]]
+
+
+def test_iou_by_hand():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2] = True
+    b[1:3] = True
+    assert iou(a, b) == pytest.approx(4 / 12)
+    assert iou(a, np.zeros((4, 4), bool)) == 0.0
+
+
+def test_judge_masks_find_the_rendered_objects():
+    for index in range(30):
+        sample = make_sample(3, index, "train")
+        masks = judge_masks(sample.image, sample.scene.caption)
+        for group, mask in enumerate(masks):
+            truth = np.any([m for o, m in zip(sample.scene.objects, sample.masks) if o.group == group], axis=0)
+            assert mask is not None and iou(mask, truth) > 0.7
+
+
+@torch.no_grad()
+def test_blanked_encodings_replace_exactly_the_word_positions(world):
+    prompts = ["a red circle and a blue square", "two green triangles"]
+    blanked, empty = blanked_word_embeddings(world, prompts)
+    ids = world.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    encoded = world.text_encoder(ids)[0]
+    for row, num_words in enumerate((7, 3)):
+        words = slice(1, 1 + num_words)
+        assert torch.equal(blanked[row, words], empty[row, words])
+        assert torch.equal(blanked[row, 0], encoded[row, 0])
+        assert torch.equal(blanked[row, 1 + num_words :], encoded[row, 1 + num_words :])
+        assert not torch.allclose(encoded[row, words], empty[row, words])
+
+
+def test_probe_measures_every_named_object(world):
+    prompts = ["a red circle and a blue square", "a white square above a purple circle"]
+    result = probe_world(world, prompts, seeds=[0], num_inference_steps=4)
+    summary = result.summary()
+    assert result.objects_named == 4
+    assert len(result.inside_share) == len(result.word_mass) == len(result.attention_mask_iou) == result.objects_found
+    assert all(0.0 <= value <= 1.0 for value in result.inside_share + result.attention_mask_iou)
+    # Four named colours per condition, one seed.
+    assert all(len(values) == 4 for values in result.colour_present.values())
+    assert set(summary["named_colour_present"]) == {"prompt", "blanked", "empty"}
