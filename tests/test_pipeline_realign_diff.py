@@ -676,3 +676,23 @@ def test_model_cpu_offload_keeps_working(toy_pipeline_folder, sd_pipe):
     out = pipe(PROMPT, num_inference_steps=2, generator=seeded(), output_type="np")
     assert out.layouts[0].regions
     assert all(isinstance(p, RealignAttnProcessor) for p in pipe.unet.attn_processors.values())
+
+
+@pytest.mark.parametrize(
+    ("latent", "grids", "expected"),
+    [
+        ((64, 64), [(64, 64), (32, 32), (16, 16), (8, 8)], (16, 16)),  # SD 1.5 at 512 px: DAAM's resolution
+        ((96, 96), [(96, 96), (48, 48), (24, 24), (12, 12)], (24, 24)),  # 768 px: a quarter of the latent side
+        ((32, 32), [(32, 32), (16, 16), (8, 8), (4, 4)], (16, 16)),  # 256 px: not the coarse 8×8
+        ((16, 16), [(16, 16), (8, 8), (4, 4)], (16, 16)),  # the shapes world: not its 4×4 mid block
+        ((64, 96), [(64, 96), (32, 48), (16, 24), (8, 12)], (16, 24)),  # non-square
+        ((8, 8), [(8, 8), (4, 4)], (8, 8)),  # nothing as fine as 16×16: the finest there is
+    ],
+)
+def test_attention_map_grid(latent, grids, expected):
+    assert module.attention_map_grid(grids, latent) == expected
+
+
+def test_attention_map_grid_needs_a_recorded_grid():
+    with pytest.raises(ValueError, match="no cross-attention maps"):
+        module.attention_map_grid([], (64, 64))

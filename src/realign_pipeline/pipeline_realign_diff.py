@@ -450,6 +450,21 @@ def masks_from_attention_maps(
     return [(strongest == index) & claimed for index in range(len(token_groups))]
 
 
+def attention_map_grid(grids: Sequence[tuple[int, int]], latent_size: tuple[int, int]) -> tuple[int, int]:
+    """The attention resolution whose maps make object masks: 16×16 cells for SD 1.5 at 512 px.
+
+    Prompt-to-Prompt and DAAM read the UNet's middle resolution, a quarter of the latent side (16×16 of SD's
+    64×64 latents). Small models would then read very coarse maps (4×4 for the shapes world's 16×16 latents,
+    8×8 for SD at 256 px), so the target is at least 16×16 cells wherever a grid that fine exists. Of
+    ``grids``, the nearest to the target in log scale is chosen, the finer on a tie.
+    """
+    if not grids:
+        raise ValueError("no cross-attention maps were recorded: the UNet has no cross-attention layers")
+    finest = max(height * width for height, width in grids)
+    target = max(latent_size[0] * latent_size[1] / 16, min(256, finest))
+    return min(grids, key=lambda g: (abs(math.log2(g[0] * g[1] / target)), -g[0] * g[1]))
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Attention: the re-weighting, the recorder, the per-call state and the processor
 # ---------------------------------------------------------------------------------------------
@@ -1933,11 +1948,8 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         captioner = captioner or self.captioner or PromptPhraseCaptioner()
         grounder = grounder or self.grounder
         maps_by_grid = recorder.mean_maps()
-        latent_height, latent_width = height // self.vae_scale_factor, width // self.vae_scale_factor
-        # One middle resolution, as DAAM and Prompt-to-Prompt do (16×16 for SD 1.5 at 512 px).
-        target = math.log2(latent_height * latent_width / 16)
-        grid = min(maps_by_grid, key=lambda g: (abs(math.log2(g[0] * g[1]) - target), -g[0] * g[1]))
-        attention_maps = maps_by_grid[grid]
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        attention_maps = maps_by_grid[attention_map_grid(list(maps_by_grid), latent_size)]
 
         layouts = []
         for index, image in enumerate(coarse_images):

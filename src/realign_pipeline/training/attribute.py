@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ from ..pipeline_realign_diff import (
     AttentionModulationState,
     CrossAttentionRecorder,
     PromptPhraseCaptioner,
+    attention_map_grid,
     mask_to_tensor,
     masks_from_attention_maps,
     place_caption,
@@ -75,7 +75,8 @@ class AttributeConcentrationTerm:
     ) -> list[list[RegionSpec]]:
         """Per image, ``(token positions, mask)`` of each object phrase that could be placed and grounded."""
         pil_images = to_pil_images(images) if self.grounder is not None else None
-        grid = _middle_grid(maps, images.shape[-2:])
+        # The finest cross-attention grid is the latent grid in Stable Diffusion's UNets.
+        grid = attention_map_grid(list(maps), max(maps, key=lambda g: g[0] * g[1]))
         regions: list[list[RegionSpec]] = []
         for index, prompt in enumerate(prompts):
             phrases, groups = self.token_groups(prompt)
@@ -98,10 +99,3 @@ class AttributeConcentrationTerm:
         maps = {grid: values[rows] for grid, values in recorder.mean_maps().items()}
         regions = self.regions(maps, images.detach(), prompts)
         return self.weight * attribute_concentration_loss(maps, regions, pixel_weight=self.pixel_weight)
-
-
-def _middle_grid(maps: dict[tuple[int, int], torch.Tensor], image_size: Sequence[int]) -> tuple[int, int]:
-    """The attention grid nearest (in log scale) to 1/32 of the image side: 16×16 for SD at 512 px,
-    the resolution whose maps make the cleanest object masks."""
-    target = max(1, int(image_size[0]) // 32)
-    return min(maps, key=lambda grid: abs(math.log(grid[0] / target)))
