@@ -21,6 +21,7 @@ from diffusers import (
 )
 from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
 
+import realign_pipeline.pipeline_realign_diff as module
 from realign_pipeline import LocalCaption, RealignAttnProcessor, RealignDiffPipeline
 from realign_pipeline.pipeline_realign_diff import (
     REPLACEABLE_PROCESSORS,
@@ -276,7 +277,7 @@ def test_attention_slicing(pipe, sd_pipe):
     assert np.array_equal(sliced, unsliced)
 
 
-def test_processors_are_installed_once_and_follow_the_implementation(pipe):
+def test_processors_are_installed_once_and_each_call_picks_its_implementation(pipe, monkeypatch):
     assert not any(isinstance(p, RealignAttnProcessor) for p in pipe.unet.attn_processors.values())
     pipe(PROMPT, num_inference_steps=1, regions=user_regions(), output_type="np")
     installed = list(pipe.unet.attn_processors.values())
@@ -284,8 +285,17 @@ def test_processors_are_installed_once_and_follow_the_implementation(pipe):
     assert installed[0].attention_function is reweighted_attention_fast
     install_realign_processors(pipe.unet)  # already there: nothing changes
     assert all(a is b for a, b in zip(installed, pipe.unet.attn_processors.values()))
-    pipe(PROMPT, num_inference_steps=1, regions=user_regions(), attention_implementation="reference")
-    assert {p.attention_function for p in pipe.unet.attn_processors.values()} == {reweighted_attention_reference}
+    calls = []
+
+    def spy_reference(*args, **kwargs):
+        calls.append("reference")
+        return reweighted_attention_reference(*args, **kwargs)
+
+    monkeypatch.setitem(module.ATTENTION_IMPLEMENTATIONS, "reference", spy_reference)
+    pipe(PROMPT, num_inference_steps=4, regions=user_regions(), attention_implementation="reference")
+    # Not reinstalled (a concurrent call keeps its processors); the call's state carried its function.
+    assert all(a is b for a, b in zip(installed, pipe.unet.attn_processors.values()))
+    assert calls and installed[0].attention_function is reweighted_attention_fast
     assert "SlicedAttnProcessor" in REPLACEABLE_PROCESSORS
 
 

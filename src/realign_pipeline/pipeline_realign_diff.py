@@ -758,6 +758,9 @@ class AttentionModulationState:
     num_train_timesteps: int = 1000
     modulate: bool = False
     conditional_half_only: bool = True
+    # The re-weighting function for this call (``reweighted_attention_fast`` or ``_reference``); ``None`` uses the
+    # processor's own. Per call, so concurrent calls asking for different implementations share one processor.
+    attention_function: AttentionFunction | None = None
     recorder: CrossAttentionRecorder | None = None
     # Region one-hots and area factors per attention grid, built on first use (same device and
     # dtype as the attention inputs). A cache, not state: it depends only on ``regions``.
@@ -916,7 +919,8 @@ class RealignAttnProcessor:
         else:
             key_regions = query_regions
         strength = weight * state.time_factor() * area_factor
-        modulated = self.attention_function(
+        attention_function = state.attention_function or self.attention_function
+        modulated = attention_function(
             query[start:],
             key[start:],
             value[start:],
@@ -964,13 +968,12 @@ def install_realign_processors(
     Installed once, never swapped back: swapping per call let a concurrent call (another thread, or another
     pipeline sharing this UNet through ``from_pipe``) restore the plain processors in the middle of a re-weighted
     pass. Left installed it costs nothing: without a ``realign_state`` the processor computes exactly
-    ``AttnProcessor2_0``'s attention. Does nothing when the same processors are already installed.
+    ``AttnProcessor2_0``'s attention. Does nothing when ``RealignAttnProcessor`` is already installed, whatever
+    its ``attention_function``: a call picks its own through ``AttentionModulationState.attention_function``.
     """
     processors = list(unet.attn_processors.values())
-    if all(
-        type(p).__name__ == "RealignAttnProcessor" and getattr(p, "attention_function", None) is attention_function
-        for p in processors
-    ):
+    # Any RealignAttnProcessor will do: a call picks its re-weighting function through its state.
+    if all(type(p).__name__ == "RealignAttnProcessor" for p in processors):
         return
     refuse_foreign_processors(unet)
     if any(type(p).__name__ == "SlicedAttnProcessor" for p in processors):
@@ -1754,7 +1757,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                 self.build_layout(p, [c for c, _ in pairs], [m for _, m in pairs], ["user"] * len(pairs), strict=True)
                 for p, pairs in zip(prompts, user_regions)
             ]
-        install_realign_processors(self.unet, ATTENTION_IMPLEMENTATIONS[attention_implementation])
+        install_realign_processors(self.unet)
 
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
@@ -1864,6 +1867,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             area_weight=area_weight,
             conditional_half_only=self.do_classifier_free_guidance,
             num_train_timesteps=num_train_timesteps,
+            attention_function=ATTENTION_IMPLEMENTATIONS[attention_implementation],
         )
         fine_latents = self.denoise(
             initial_latents.clone(),
