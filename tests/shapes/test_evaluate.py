@@ -33,6 +33,7 @@ from realign_pipeline.shapes.evaluate import (
     EvalSettings,
     category_result,
     check_world,
+    evaluation_prompt_sets,
     format_criteria_table,
     format_table,
     initial_noise,
@@ -533,7 +534,7 @@ def test_run_configuration_time_adds_up_over_batches(world_pipe):
     assert len(spy.durations) == 2 and result.categories["binding"].seconds >= sum(spy.durations)
 
 
-def test_run_evaluation_returns_rows_in_the_order_asked(tmp_path):
+def test_run_evaluation_returns_rows_in_the_order_asked_each_with_its_own_unet(world_pipe):
     settings = EvalSettings(prompts_per_category=1, num_inference_steps=1)
     results = run_evaluation(BUILTIN_WORLD, select_configurations(["refl", "base"]), settings, progress=False)
     assert [r.configuration.name for r in results] == ["refl", "base"]
@@ -541,6 +542,25 @@ def test_run_evaluation_returns_rows_in_the_order_asked(tmp_path):
         assert list(result.categories) == list(EVAL_CATEGORIES) and result.n == 3
         prompts = [record["prompt"] for c in result.categories.values() for record in c.records]
         assert prompts == [evaluation_prompts(c, "held_out", 1, seed=0)[0] for c in EVAL_CATEGORIES]
+    # Each row drew with its own UNet: the same images as a direct run on that UNet, and the two rows differ.
+    prompt_sets = {"binding": [results[0].categories["binding"].records[0]["prompt"]]}
+    for result, pipe in [(results[0], load_pipeline(BUILTIN_WORLD, "unet-refl")), (results[1], world_pipe)]:
+        direct = run_configuration(pipe, result.configuration, prompt_sets, settings)
+        assert np.array_equal(np.asarray(direct.samples["binding"][0][0]), np.asarray(result.samples["binding"][0][0]))
+    refl_image, base_image = (np.asarray(r.samples["binding"][0][0], dtype=np.int16) for r in results)
+    assert np.abs(refl_image - base_image).max() > 0
+
+
+def test_evaluation_prompt_sets_by_split():
+    for split in ("held_out", "seen", "development"):
+        sets = evaluation_prompt_sets(split, 3)
+        assert sets == {c: evaluation_prompts(c, split, 3, seed=0) for c in EVAL_CATEGORIES}
+    assert evaluation_prompt_sets("seen", 1) != evaluation_prompt_sets("held_out", 1)
+    assert [len(p) for p in evaluation_prompt_sets().values()] == [96, 96, 76]
+    with pytest.raises(ValueError, match=r"^split must be one of .*, got 'train'$"):
+        evaluation_prompt_sets("train")
+    with pytest.raises(ValueError, match="^prompts_per_category must be positive, got 0$"):
+        evaluation_prompt_sets("held_out", 0)
 
 
 def test_load_pipeline_loads_the_asked_unet_in_float32():
@@ -584,7 +604,7 @@ def test_configurations_refuse_bad_combinations_by_name():
         with pytest.raises(ValueError, match="configuration 'x': unet_subfolder must be a folder name"):
             EvalConfiguration("x", "a path", unet_subfolder=subfolder)
     assert [c.name for c in select_configurations()] == list(CONFIGURATION_NAMES)
-    with pytest.raises(ValueError, match="no configurations selected"):
+    with pytest.raises(ValueError, match="^no configurations selected$"):
         select_configurations([])
 
 
@@ -618,5 +638,5 @@ def test_tables_of_one_row_and_their_exact_lines():
         f"50.0 [{100 * low:.1f}, {100 * high:.1f}] |",
     ]
     for formatter in (format_table, format_criteria_table):
-        with pytest.raises(ValueError, match="no results to format"):
+        with pytest.raises(ValueError, match="^no results to format$"):
             formatter([])
