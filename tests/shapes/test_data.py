@@ -160,7 +160,7 @@ def test_development_split_is_disjoint_from_the_evaluation_split(category):
 
 
 def test_development_prompts_mix_held_out_and_seen_pairings():
-    prompts = data.development_prompts(12)
+    prompts = data.development_prompts()
     assert len(prompts) == len(set(prompts)) == 12 * len(CATEGORIES)
     by_category = {category: [p for p in prompts if parse_prompt(p).category == category] for category in CATEGORIES}
     assert all(len(group) == 12 for group in by_category.values())

@@ -445,8 +445,9 @@ def _evaluated_specs(category: str) -> set[PromptSpec]:
 
 def _development_set(category: str, split: str) -> list[PromptSpec]:
     """The fixed development set of ``category``: ``DEVELOPMENT_PROMPTS_PER_CATEGORY`` specs that no
-    evaluation split holds (fewer where that would leave fine-tuning under ``FINETUNE_KEEPS_PER_CATEGORY``). ``"development"`` specs name at least one held-out pairing anywhere (for counts
-    also the uncounted object, since every held-out counted pairing is an evaluation prompt);
+    evaluation split holds (fewer where that would leave fine-tuning under ``FINETUNE_KEEPS_PER_CATEGORY``).
+    ``"development"`` specs name at least one held-out pairing anywhere (for counts also the uncounted
+    object, since every held-out counted pairing is an evaluation prompt);
     ``"development_seen"`` specs name only pairings seen in training."""
     evaluated = _evaluated_specs(category)
     candidates = [
@@ -490,12 +491,13 @@ def evaluation_prompts(category: str, split: str = "held_out", n: int = 50, seed
     return [caption_for(spec) for spec in evaluation_specs(category, split, n, seed)]
 
 
-def development_prompts(n_per_category: int = DEVELOPMENT_PROMPTS_PER_CATEGORY, seed: int = 0) -> list[str]:
+def development_prompts(n_per_category: int = 12, seed: int = 0) -> list[str]:
     """``n_per_category`` development prompts of every category in ``CATEGORIES``, for validation while fine-tuning.
 
     Half (rounded up) from ``"development"`` (naming a held-out pairing), the rest from
     ``"development_seen"``; where the first has too few (there are only four held-out single objects), the
-    second fills in. Raises ``ValueError`` if a category cannot give ``n_per_category``.
+    second fills in (single objects have 14 development prompts in all, hence the default of 12). Raises
+    ``ValueError`` if a category cannot give ``n_per_category``.
     """
     if n_per_category <= 0:
         raise ValueError(f"n_per_category must be positive, got {n_per_category}")
