@@ -12,6 +12,7 @@ from realign_pipeline.shapes.data import make_sample
 from realign_pipeline.shapes.ground_world import (
     WORLD,
     GroundingConfig,
+    GroundingData,
     ground_world,
     group_masks,
     load_state,
@@ -20,6 +21,7 @@ from realign_pipeline.shapes.ground_world import (
     pixel_grounding_loss,
     save_state,
     token_grounding_loss,
+    true_mask_regions,
 )
 
 
@@ -142,3 +144,21 @@ def test_a_resumed_run_continues_the_uninterrupted_run(tmp_path):
 def test_a_folder_without_model_index_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="`world`"):
         ground_world(GroundingConfig(world=str(tmp_path), output_dir=str(tmp_path / "out")))
+
+
+def test_true_mask_regions_give_each_cell_to_the_group_covering_it():
+    masks = torch.zeros(2, 3, 4, 4)
+    masks[:, 0, :, :2] = 1.0  # group 0: left half
+    masks[:, 1, :, 2:] = 0.6  # group 1: right half, more than half covered
+    masks[:, 2, 0, 3] = 0.9  # group 2 covers one cell more than group 1 does
+    masks[:, 1, 3, 3] = 0.4  # ... and one cell is under half covered: no region
+    word_tokens = torch.zeros(2, 3, 77, dtype=torch.bool)
+    word_tokens[:, 0, [2, 3]] = True
+    word_tokens[:, 1, [6, 7]] = True
+    data = GroundingData(torch.zeros(2, 4, 4, 4), torch.zeros(2, 77, dtype=torch.long), word_tokens, {4: masks})
+    regions = true_mask_regions(data, torch.tensor([0, 1]), torch.tensor([False, True]), 4)
+    expected = torch.tensor([[0, 0, 1, 2], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, -1]])
+    assert torch.equal(regions.labels[0], expected)
+    assert torch.equal(regions.region_tokens[0], word_tokens[0])
+    # A dropped caption (trained as the empty prompt) has no regions at all.
+    assert (regions.labels[1] == -1).all() and not regions.region_tokens[1].any()

@@ -23,6 +23,13 @@ renderer gives for free, with three terms beside the ordinary denoising loss:
    also takes attention mass off the padding at object pixels (the term that moved most in a
    first try, see issue [F]).
 
+4. **Optionally, re-weighting during training** (``modulated_fraction``): a share of the batches is denoised
+   with DenseDiffusion's re-weighting switched on over the true masks, at the timesteps where inference
+   modulates. Stable Diffusion follows boosted word attention without such training; a world this small does
+   not, and this term teaches it to. With it, the world is a test bed for the *implementation* of the fine stage
+   (the right tokens, pixels, steps and halves move objects; wrong ones do not), not evidence that the
+   re-weighting works training-free. Its model card says which terms made it.
+
 The result stays an ordinary diffusers ``StableDiffusionPipeline`` folder (same architecture, same
 tokenizer, VAE and captioner as the world it starts from). One resumable, seeded command: the state is
 checkpointed as safetensors (weights, optimizer moments, EMA, RNG) every ``checkpoint_every`` steps.
@@ -54,6 +61,7 @@ from ..pipeline_realign_diff import (
     AttentionModulationState,
     CrossAttentionRecorder,
     RealignAttnProcessor,
+    RegionTensors,
     words_with_token_positions,
 )
 from .data import IMAGE_SIZE, Sample, make_sample, parse_prompt, phrase_for
@@ -84,6 +92,11 @@ class GroundingConfig:
     token_loss_weight: float = 0.3
     pixel_loss_weight: float = 0.05
     padding_loss_weight: float = 1.0
+    # Share of batches trained with the re-weighting switched on over the true masks (DenseDiffusion's defaults
+    # w = 1 cross, 0.3 self), all at one timestep in [modulation_min_timestep, T): the steps a 30% window of a
+    # 25-step DDIM run modulates. The model then learns to follow its boosted word attention (see the module doc).
+    modulated_fraction: float = 0.0
+    modulation_min_timestep: int = 600
     checkpoint_every: int = 100
     log_every: int = 25
 
@@ -207,6 +220,15 @@ def pixel_grounding_loss(
     return (bce * present).sum() / present.sum().clamp(min=1)
 
 
+def true_mask_regions(data: GroundingData, index: torch.Tensor, dropped: torch.Tensor, side: int) -> RegionTensors:
+    """The batch's true layouts as the processor's regions: each latent cell to the group covering most of it
+    (none where no group covers half of it), each group owning its words; no regions for dropped captions."""
+    masks = data.masks[side][index]
+    covered, labels = masks.max(dim=1)
+    labels = torch.where((covered >= 0.5) & ~dropped[:, None, None], labels, -1)
+    return RegionTensors(labels=labels, region_tokens=data.word_tokens[index] & ~dropped[:, None, None])
+
+
 def lr_at(step: int, config: GroundingConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the rate: a pure function of the step."""
     if step < config.warmup_steps:
@@ -320,6 +342,10 @@ def ground_world(config: GroundingConfig) -> dict:
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         dropped = torch.rand(len(index), generator=generator) < config.caption_dropout
+        modulated = bool(torch.rand((), generator=generator) < config.modulated_fraction)
+        if modulated:
+            low, high = config.modulation_min_timestep, noise_scheduler.config.num_train_timesteps
+            timesteps = torch.randint(low, high, (1,), generator=generator).expand(len(index)).clone()
         ids = torch.where(dropped[:, None], empty_ids, data.ids[index])
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
 
@@ -333,6 +359,9 @@ def ground_world(config: GroundingConfig) -> dict:
         state = AttentionModulationState(
             latent_size=(latent_side, latent_side), recorder=recorder, conditional_half_only=False
         )
+        if modulated:
+            state.regions = true_mask_regions(data, index, dropped, latent_side)
+            state.modulate, state.timestep = True, float(timesteps[0])
         prediction = unet(noisy, timesteps, seen, cross_attention_kwargs={"realign_state": state}).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         denoising_loss = (per_sample * loss_weights[timesteps]).mean()
@@ -368,6 +397,7 @@ def ground_world(config: GroundingConfig) -> dict:
             "padding": padding_loss.item(),
             "token": token_loss.item(),
             "pixel": pixel_loss.item(),
+            "modulated": float(modulated),
         }
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + value
