@@ -477,3 +477,77 @@ def test_without_guidance_every_batch_item_is_modulated():
     for item in range(2):
         expected = multi_head(hidden[item].numpy(), context[item].numpy(), 2, lam, M_CROSS, 2**-0.5)
         np.testing.assert_allclose(output[item].numpy(), expected, atol=2e-5)
+
+
+# -- gaps found by mutation testing ----------------------------------------------------------------------------
+
+
+def region(caption, mask, tokens):
+    return module.Region(caption=caption, mask=mask, token_indices=tokens, source="user", caption_token_indices=[])
+
+
+def test_region_tensors_of_a_batch_mixing_layouts_with_and_without_regions(pipe):
+    left, right = left_right_masks()
+    layouts = [
+        module.Layout(PROMPT, [region("a red book", left, RED_BOOK_TOKENS), region("a yellow vase", right, [6, 7])]),
+        module.Layout(PROMPT, []),
+        module.Layout(PROMPT, [region("a yellow vase", left, YELLOW_VASE_TOKENS)]),
+    ]
+    tensors = pipe._region_tensors(layouts, 64, 64)
+    assert tensors.labels.shape == (3, 64, 64) and tensors.region_tokens.shape == (3, 2, 77)
+    assert (tensors.labels[0, :, :32] == 0).all() and (tensors.labels[0, :, 32:] == 1).all()
+    # The item without regions is unmodulated everywhere and owns no token ...
+    assert (tensors.labels[1] == -1).all() and not tensors.region_tokens[1].any()
+    # ... and the item after it still gets its own layout.
+    assert (tensors.labels[2, :, :32] == 0).all() and (tensors.labels[2, :, 32:] == -1).all()
+    assert tensors.region_tokens[2, 0].nonzero().flatten().tolist() == YELLOW_VASE_TOKENS
+    assert not tensors.region_tokens[2, 1].any()
+
+
+def test_a_region_too_small_for_a_coarse_grid_keeps_the_one_hot_width():
+    labels = torch.full((1, 8, 8), -1)
+    labels[0, :, :6] = 0
+    labels[0, 0, 7] = 1  # one pixel: lost on a 2×2 grid
+    state = AttentionModulationState(
+        latent_size=(8, 8), regions=RegionTensors(labels, torch.zeros(1, 2, 4, dtype=torch.bool))
+    )
+    one_hot, area_factor = state.regions_on_grid((2, 2), torch.device("cpu"), torch.float32)
+    assert one_hot.shape == (1, 4, 2)
+    assert one_hot[0, :, 1].sum() == 0 and area_factor.shape == (1, 4)
+
+
+def test_labels_are_resized_by_area_majority_not_by_the_nearest_pixel():
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    labels[0, 0, 0] = 1  # the pixel nearest-neighbour resizing would read for cell (0, 0)
+    state = AttentionModulationState(
+        latent_size=(4, 4), regions=RegionTensors(labels, torch.zeros(1, 2, 4, dtype=torch.bool))
+    )
+    one_hot, _ = state.regions_on_grid((2, 2), torch.device("cpu"), torch.float32)
+    assert one_hot[0, 0].tolist() == [1.0, 0.0]
+
+
+def test_a_recording_pass_keeps_the_attention_mask():
+    attn = identity_attention(cross=True, attention_function=reweighted_attention_reference)
+    torch.manual_seed(0)
+    hidden, context = torch.randn(2, 4, 4), torch.randn(2, 5, 4)
+    mask = torch.zeros(2, 5)
+    mask[:, 3:] = -10_000.0  # the last two text tokens are padding to ignore
+    state = AttentionModulationState(latent_size=(2, 2), recorder=CrossAttentionRecorder())
+    with torch.no_grad():
+        expected = attn(hidden, context, attention_mask=mask)
+        recorded = attn(hidden, context, attention_mask=mask, realign_state=state)
+    assert torch.allclose(recorded, expected, atol=1e-6)
+
+
+def test_swap_skips_caption_positions_past_the_encoders_length(pipe):
+    prompt_embeds = torch.zeros(1, 77, pipe.text_encoder.config.hidden_size)
+    long_caption = module.Region(
+        caption="a red book",
+        mask=torch.ones(64, 64, dtype=torch.bool),
+        token_indices=[2, 3],
+        source="captioner",
+        caption_token_indices=[2, 80],  # the second word sits past the caption's 77 tokens
+    )
+    swapped = pipe._swap_region_embeddings(prompt_embeds, [module.Layout(PROMPT, [long_caption])])
+    assert not torch.equal(swapped[0, 2], prompt_embeds[0, 2])
+    assert torch.equal(swapped[0, 3], prompt_embeds[0, 3])

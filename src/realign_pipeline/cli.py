@@ -184,10 +184,11 @@ TOY_DEMO_PROMPTS = ["a red book and a yellow vase", "a green cat on the left of 
 
 
 def demo_prompts() -> list[str]:
-    """Held-out prompts of the shapes world: pairings its UNet never saw drawn together."""
+    """Development prompts of the shapes world that name pairings its UNet never saw drawn together."""
     from .shapes import evaluation_prompts
 
-    return evaluation_prompts("binding", n=3) + evaluation_prompts("relation", n=1)
+    # Development prompts: they name held-out pairings too, and the evaluation prompts stay for the tables.
+    return evaluation_prompts("binding", "development", n=3) + evaluation_prompts("relation", "development", n=1)
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -327,7 +328,12 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--steps", type=positive_int, default=25, help="denoising steps per pass (default 25)")
     parser.add_argument("--guidance-scale", type=non_negative_float, default=4.0, help="(default 4.0)")
-    parser.add_argument("--seed", type=int, default=0, help="batch b draws its noise with seed + b (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="each prompt's noise comes from (seed, category, prompt index), the same in every row (default 0)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts per pipeline call (default 16)")
     parser.add_argument(
         "--coarse-stop-fraction",
