@@ -230,3 +230,50 @@ def run_layout_control(
                 result.realigned.append(score_placement(image, case))
                 result.kinds.append(case.kind)
     return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m realign_pipeline.shapes.layout_control``: the benchmark on a world folder, as JSON."""
+    import argparse
+    import json
+
+    from ..pipeline_realign_diff import RealignDiffPipeline
+    from .data import DEVELOPMENT_SPLITS, EVALUATION_SPLITS, evaluation_prompts
+    from .ground_world import WORLD
+
+    parser = argparse.ArgumentParser(description="Layout control on the shapes world (module doc)")
+    parser.add_argument("--world", default=str(WORLD), help="a shapes-world pipeline folder (default: the built-in)")
+    parser.add_argument("--unet", default="unet", help="the UNet subfolder (default: unet)")
+    parser.add_argument("--split", choices=("development", *EVALUATION_SPLITS), default="development")
+    parser.add_argument("--prompts", type=int, default=32, help="binding prompts (two or three objects)")
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--cross-attention-weight", type=float, default=1.0)
+    parser.add_argument("--self-attention-weight", type=float, default=0.3)
+    parser.add_argument("--modulation-fraction", type=float, default=0.3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if min(args.prompts, args.seeds, args.steps, args.threads) <= 0:
+        parser.error("--prompts, --seeds, --steps and --threads must be positive")
+    torch.set_num_threads(args.threads)
+    splits = DEVELOPMENT_SPLITS if args.split == "development" else (args.split,)
+    prompts = [p for split in splits for p in evaluation_prompts("binding", split, args.prompts)][: args.prompts]
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(args.world, subfolder=args.unet, dtype=torch.float32)
+    pipe = RealignDiffPipeline.from_pretrained(args.world, unet=unet, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    result = run_layout_control(
+        pipe,
+        layout_cases(prompts),
+        list(range(args.seeds)),
+        num_inference_steps=args.steps,
+        cross_attention_weight=args.cross_attention_weight,
+        self_attention_weight=args.self_attention_weight,
+        modulation_fraction=args.modulation_fraction,
+    )
+    print(json.dumps({"world": args.world, "unet": args.unet, "split": args.split, **result.summary()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
