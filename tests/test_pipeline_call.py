@@ -31,6 +31,8 @@ from realign_pipeline.pipeline_realign_diff import (
     reweighted_attention_reference,
 )
 
+from .test_pipeline_realign_diff import fails_before_denoising
+
 PROMPT = "a red book and a yellow vase"
 STEPS = 4
 
@@ -369,30 +371,17 @@ def test_concurrent_calls_keep_their_reweighting(pipe, shared):
 # -- input checks ----------------------------------------------------------------------------------------
 
 
-def fails_before_any_model_runs(pipe, match, error=ValueError, **kwargs):
-    def never(*args):
-        raise AssertionError("a model ran before the input was checked")
-
-    hooks = [pipe.unet.register_forward_pre_hook(never), pipe.text_encoder.register_forward_pre_hook(never)]
-    try:
-        with pytest.raises(error, match=match):
-            pipe(**{"prompt": PROMPT, "num_inference_steps": 2, **kwargs})
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
 @pytest.mark.parametrize(
     "name", ["cross_attention_weight", "self_attention_weight", "area_weight", "modulation_fraction"]
 )
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_weights_are_refused(pipe, name, value):
-    fails_before_any_model_runs(pipe, f"`{name}` must be a finite number", **{name: value})
+    fails_before_denoising(pipe, f"`{name}` must be a finite number", **{name: value})
 
 
 def test_coarse_stop_fraction_nan_and_non_numbers_are_refused(pipe):
-    fails_before_any_model_runs(pipe, "`coarse_stop_fraction` must be a finite", coarse_stop_fraction=float("nan"))
-    fails_before_any_model_runs(pipe, "`area_weight` must be a number", error=TypeError, area_weight="1")
+    fails_before_denoising(pipe, "`coarse_stop_fraction` must be a finite", coarse_stop_fraction=float("nan"))
+    fails_before_denoising(pipe, "`area_weight` must be a number", error=TypeError, area_weight="1")
 
 
 @pytest.mark.parametrize("name", ["cross_attention_weight", "self_attention_weight"])
@@ -409,8 +398,8 @@ def test_weights_at_most_one_do_not_warn(pipe):
 
 
 def test_realign_only_arguments_are_refused_without_realign(pipe):
-    fails_before_any_model_runs(pipe, "`regions` is used only with `realign=True`", realign=False, regions=[])
-    fails_before_any_model_runs(
+    fails_before_denoising(pipe, "`regions` is used only with `realign=True`", realign=False, regions=[])
+    fails_before_denoising(
         pipe, "`grounder` is used only with `realign=True`", realign=False, grounder=lambda i, c: []
     )
 
@@ -487,7 +476,7 @@ def test_grounder_of_the_wrong_type_is_named(pipe, output, error, match):
 def test_too_many_regions_are_refused_before_masks_are_made(pipe):
     too_many = [(f"book {i}", None) for i in range(pipe.max_regions() + 1)]
     assert pipe.max_regions() == 75
-    fails_before_any_model_runs(pipe, r"`regions\[0\]` has 76 regions; at most 75", regions=too_many)
+    fails_before_denoising(pipe, r"`regions\[0\]` has 76 regions; at most 75", regions=too_many)
 
 
 def test_too_many_captions_are_refused(pipe):
@@ -498,9 +487,7 @@ def test_too_many_captions_are_refused(pipe):
 
 def test_duplicate_user_captions_are_refused(pipe):
     left, right = halves()
-    fails_before_any_model_runs(
-        pipe, "'a red book' is given twice", regions=[("a red book", left), ("a red book", right)]
-    )
+    fails_before_denoising(pipe, "'a red book' is given twice", regions=[("a red book", left), ("a red book", right)])
 
 
 def test_duplicate_captioner_captions_are_dropped_with_a_warning(pipe):
