@@ -342,7 +342,10 @@ def ground_world(config: GroundingConfig) -> dict:
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         dropped = torch.rand(len(index), generator=generator) < config.caption_dropout
-        modulated = bool(torch.rand((), generator=generator) < config.modulated_fraction)
+        # Drawn only when asked for, so runs without modulated batches keep the random stream they had before.
+        modulated = config.modulated_fraction > 0 and bool(
+            torch.rand((), generator=generator) < config.modulated_fraction
+        )
         if modulated:
             low, high = config.modulation_min_timestep, noise_scheduler.config.num_train_timesteps
             timesteps = torch.randint(low, high, (1,), generator=generator).expand(len(index)).clone()
