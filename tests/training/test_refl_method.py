@@ -179,8 +179,12 @@ def test_the_gradient_step_is_drawn_from_the_window_and_only_from_it(fake_setup)
 def test_draw_refl_step_covers_the_window_and_refuses_an_empty_one():
     generator = torch.Generator().manual_seed(0)
     assert {draw_refl_step([7, 9], generator) for _ in range(50)} == {7, 8}
-    with pytest.raises(ValueError, match="refl_step_range"):
-        draw_refl_step([5, 5], generator)
+    # The window may start at the first step (the gradient through the whole sampling chain's start) ...
+    assert {draw_refl_step([0, 2], generator) for _ in range(50)} == {0, 1}
+    # ... but must hold a step, and no step before the first.
+    for empty in ([5, 5], [6, 5], [-1, 3]):
+        with pytest.raises(ValueError, match="refl_step_range"):
+            draw_refl_step(empty, generator)
 
 
 def test_total_loss_is_the_reward_term_plus_the_weighted_denoising_loss(fake_setup):
