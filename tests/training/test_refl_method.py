@@ -5,6 +5,7 @@ window, one guided step with gradient, ``x̂0``, decode, ``λ·mean(relu(α − 
 denoising loss on (image, caption) pairs.
 """
 
+import contextlib
 from types import SimpleNamespace
 
 import PIL.Image
@@ -221,3 +222,70 @@ def test_total_loss_is_the_reward_term_plus_the_weighted_denoising_loss(fake_set
     assert loss_2 == pytest.approx(reward_term + 2.0 * denoising, rel=1e-4)
     assert loss_2 - loss_0 == pytest.approx(2.0 * logs_2["pretrain_loss"], rel=1e-5)
     assert denoising > 1e-3  # the difference is not lost in rounding
+
+
+def test_a_regulariser_weight_of_one_adds_the_denoising_loss_once(fake_setup):
+    regularizer = CaptionedImages([PIL.Image.new("RGB", (16, 16), (200, 40, 90))], ["a pink square"], 16)
+    losses = {}
+    for weight in (0.0, 1.0):
+        config, components = fake_setup(pretrain_loss_weight=weight, pretrain_batch_size=1)
+        losses[weight] = run_refl(config, components, RecordingReward(), seed=3, regularizer=regularizer)
+    (loss_0, _, _), (loss_1, logs_1, _) = losses[0.0], losses[1.0]
+    assert "pretrain_loss" in logs_1 and logs_1["pretrain_loss"] > 1e-3
+    assert loss_1.item() - loss_0.item() == pytest.approx(logs_1["pretrain_loss"], rel=1e-5)
+
+
+def test_sampling_down_to_the_gradient_step_is_guided_too(fake_setup):
+    config, components = fake_setup(guidance_scale=3.0)
+    run_refl(config, components, RecordingReward(), seed=1)
+    no_grad_calls = [call for call in components.unet.calls if not call["grad"]]
+    assert no_grad_calls
+    empty = encode_prompts(components, [""] * len(PROMPTS), "cpu")
+    cond = encode_prompts(components, PROMPTS, "cpu")
+    for call in no_grad_calls:
+        # Every no-gradient step sees the unconditional and the conditional embeddings, as the gradient step does.
+        torch.testing.assert_close(call["text"], torch.cat([empty, cond]))
+
+
+def test_every_random_draw_comes_from_the_steps_generator(fake_setup):
+    colours = [(200, 40, 90), (30, 200, 90), (10, 10, 240), (250, 250, 0), (90, 90, 90), (0, 120, 120)]
+    regularizer = CaptionedImages([PIL.Image.new("RGB", (16, 16), c) for c in colours], list("abcdef"), 16)
+    config, components = fake_setup(pretrain_loss_weight=1.0, pretrain_batch_size=2)
+    results = []
+    for global_seed in (0, 12345, 777, 4):
+        torch.manual_seed(global_seed)  # a resumed run's global RNG is anywhere
+        components.unet.calls.clear()
+        loss, logs, _ = run_refl(config, components, RecordingReward(), seed=7, regularizer=regularizer)
+        results.append((loss.item(), logs["pretrain_loss"], components.unet.calls[-1]["sample"]))
+    for other in results[1:]:
+        assert other[:2] == results[0][:2]
+        assert torch.equal(other[2], results[0][2])
+
+
+class FakeAttributeTerm:
+    """CoMat's attribute concentration stand-in: records which rows it was given, returns a known loss."""
+
+    def __init__(self):
+        self.rows = None
+
+    @contextlib.contextmanager
+    def recording(self, unet, latent_size):
+        yield {}, "recorder"
+
+    def loss(self, recorder, rows, images, prompts):
+        self.rows = rows
+        return torch.tensor(0.25)
+
+
+@pytest.mark.parametrize(("guidance_scale", "rows"), [(3.0, slice(2, 4)), (1.0, slice(0, 2))])
+def test_attribute_concentration_reads_the_conditional_rows_and_adds_its_loss(fake_setup, guidance_scale, rows):
+    config, components = fake_setup(guidance_scale=guidance_scale)
+    term, reward = FakeAttributeTerm(), RecordingReward()
+    unet = components.unet
+    loss, logs, _ = refl_loss(
+        config, components, unet, unet, reward, PROMPTS, None, step_generator(0, 0, 0), "cpu", torch.float32, term
+    )
+    assert term.rows == rows
+    reward_term = 0.5 * F.relu(-reward.scores.detach()).mean().item()
+    assert logs["attribute_concentration_loss"] == 0.25
+    assert loss.item() == pytest.approx(reward_term + 0.25, rel=1e-6)
