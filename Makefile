@@ -1,6 +1,6 @@
 # Two commands for a fresh machine; each creates or updates the environment it needs.
 #   make demo   run RealignDiff end to end on the built-in default model (outputs/demo/)
-#   make test   run the test suite (main environment, then the torchvision environment)
+#   make test   plant known bugs (each must fail a test), then run the suite (main, then torchvision environment)
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-main test-vision lint env
+.PHONY: demo test test-main test-vision check-bugs lint env
 
 # torch first, pinned to the CPU build on local disk: a plain `torch` requirement would pull a CUDA build.
 $(STAMP): setup.cfg pyproject.toml
@@ -26,7 +26,7 @@ env: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/realign demo --output outputs/demo
 
-test: test-main test-vision
+test: check-bugs test-main test-vision
 
 test-main: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not vision"
@@ -34,6 +34,10 @@ test-main: $(STAMP)
 test-vision:
 	bash scripts/make_vision_env.sh
 	.venv-vision/bin/python -m pytest -m vision tests/grounding
+
+# Plants each bug issue [G] listed (a sign, a factor, a half, the steps, the tokens) and checks a test fails.
+check-bugs: $(STAMP)
+	$(VENV)/bin/python scripts/check_known_bugs.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks
