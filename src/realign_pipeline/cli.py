@@ -74,6 +74,12 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--box-threshold", type=float, default=0.3)
     parser.add_argument("--text-threshold", type=float, default=0.25)
     parser.add_argument("--sam-checkpoint", default=None, help="segment-anything .pth file")
+    parser.add_argument(
+        "--sam-model-type",
+        choices=("vit_b", "vit_l", "vit_h"),
+        default=None,
+        help="the --sam-checkpoint's model (default: read from the checkpoint)",
+    )
     parser.add_argument("--groundingdino-config", default=None, help="groundingdino-py config file")
     parser.add_argument("--groundingdino-checkpoint", default=None, help="groundingdino-py checkpoint file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -142,6 +148,7 @@ def run_generate(args: argparse.Namespace) -> None:
         box_threshold=args.box_threshold,
         text_threshold=args.text_threshold,
         sam_checkpoint=args.sam_checkpoint,
+        sam_model_type=args.sam_model_type,
         groundingdino_config=args.groundingdino_config,
         groundingdino_checkpoint=args.groundingdino_checkpoint,
     )

@@ -81,7 +81,7 @@ def load_grounder(
     box_threshold: float = 0.3,
     text_threshold: float = 0.25,
     sam_checkpoint: str | os.PathLike | None = None,
-    sam_model_type: str = "vit_b",
+    sam_model_type: str | None = None,
     groundingdino_config: str | os.PathLike | None = None,
     groundingdino_checkpoint: str | os.PathLike | None = None,
 ) -> Grounder | None:
@@ -97,6 +97,8 @@ def load_grounder(
         device, dtype: where the models run.
         detector, segmenter: transformers checkpoints (Hub ids or folders) of Grounding DINO and SAM.
         box_threshold, text_threshold: Grounding DINO's thresholds (Grounded-SAM's defaults).
+        sam_checkpoint, sam_model_type: an original segment-anything checkpoint and its model (``"vit_b"``,
+            ``"vit_l"``, ``"vit_h"``), which is read from the checkpoint when not given.
     """
     from .grounding import (
         GroundedSamGrounder,
@@ -105,6 +107,7 @@ def load_grounder(
         SamBoxSegmenter,
         SegmentAnythingBoxSegmenter,
     )
+    from .grounding.segment_anything_backend import SEGMENT_ANYTHING_MODEL_TYPES
 
     if name not in GROUNDER_NAMES:
         raise ValueError(f"`grounder` must be one of {GROUNDER_NAMES}, got {name!r}.")
@@ -114,6 +117,8 @@ def load_grounder(
         return GroundedSamGrounder.from_pretrained(
             detector, segmenter, device=device, dtype=dtype, box_threshold=box_threshold, text_threshold=text_threshold
         )
+    if sam_model_type is not None and sam_model_type not in SEGMENT_ANYTHING_MODEL_TYPES:
+        raise ValueError(f"`sam_model_type` must be one of {SEGMENT_ANYTHING_MODEL_TYPES}, got {sam_model_type!r}.")
     if name == "segment-anything" and sam_checkpoint is None:
         raise ValueError("`sam_checkpoint` is required for the 'segment-anything' grounder (a SAM .pth file).")
     if name == "groundingdino-py" and (groundingdino_config is None or groundingdino_checkpoint is None):

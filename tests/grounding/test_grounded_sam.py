@@ -186,3 +186,26 @@ def test_checkpoints_are_read_with_weights_only(tmp_path):
     torch.save({"weight": torch.ones(2), "payload": NotATensor()}, path)
     with pytest.raises(pickle.UnpicklingError):
         load_weights_only_checkpoint(path)
+
+
+@pytest.mark.parametrize(("width", "model_type"), [(768, "vit_b"), (1024, "vit_l"), (1280, "vit_h")])
+def test_sam_model_type_is_read_from_the_image_encoders_width(width, model_type):
+    from realign_pipeline.grounding.segment_anything_backend import PATCH_EMBEDDING, sam_model_type_of
+
+    assert sam_model_type_of({PATCH_EMBEDDING: torch.zeros(width, 3, 16, 16)}) == model_type
+
+
+def test_a_state_dict_of_no_sam_model_is_named():
+    from realign_pipeline.grounding.segment_anything_backend import PATCH_EMBEDDING, sam_model_type_of
+
+    with pytest.raises(ValueError, match="width 512 matches no registry model"):
+        sam_model_type_of({PATCH_EMBEDDING: torch.zeros(512, 3, 16, 16)})
+    with pytest.raises(ValueError, match="not a segment-anything checkpoint"):
+        sam_model_type_of({"weight": torch.zeros(2)})
+
+
+def test_a_bad_sam_model_type_is_refused_before_any_model_loads(tmp_path):
+    from realign_pipeline.preprocessors import load_grounder
+
+    with pytest.raises(ValueError, match="`sam_model_type` must be one of"):
+        load_grounder("segment-anything", sam_checkpoint=tmp_path / "missing.pth", sam_model_type="vit_x")

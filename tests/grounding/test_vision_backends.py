@@ -111,7 +111,8 @@ def segment_anything_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def segment_anything_segmenter(segment_anything_checkpoint):
-    return SegmentAnythingBoxSegmenter.from_checkpoint(segment_anything_checkpoint, model_type="vit_b", device="cpu")
+    # The model type is read from the checkpoint (its image encoder's width).
+    return SegmentAnythingBoxSegmenter.from_checkpoint(segment_anything_checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +165,10 @@ def test_segment_anything_without_boxes_does_not_embed_the_image(segment_anythin
 
 
 def test_segment_anything_checkpoint_for_another_model_type_is_refused(segment_anything_checkpoint):
-    with pytest.raises(RuntimeError, match="size mismatch|Missing key|Unexpected key"):
+    with pytest.raises(ValueError, match="`model_type` is 'vit_l' but .* holds a vit_b model"):
         SegmentAnythingBoxSegmenter.from_checkpoint(segment_anything_checkpoint, model_type="vit_l", device="cpu")
+    same = SegmentAnythingBoxSegmenter.from_checkpoint(segment_anything_checkpoint, model_type="vit_b", device="cpu")
+    assert same.predictor.model.image_encoder.patch_embed.proj.weight.shape[0] == 768
 
 
 def test_groundingdino_py_boxes_follow_the_thresholds(groundingdino_py_detector):

@@ -20,6 +20,9 @@ import torch
 from .base import import_optional, resolve_device
 
 SEGMENT_ANYTHING_MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
+# The width of each registry model's ViT image encoder: enough to tell the released checkpoints apart.
+ENCODER_WIDTHS = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
+PATCH_EMBEDDING = "image_encoder.patch_embed.proj.weight"
 
 
 def load_weights_only_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -30,6 +33,21 @@ def load_weights_only_checkpoint(path: str | os.PathLike) -> dict[str, torch.Ten
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
     return checkpoint
+
+
+def sam_model_type_of(state_dict: dict[str, torch.Tensor]) -> str:
+    """``"vit_b"``, ``"vit_l"`` or ``"vit_h"``: the registry model a SAM state dict belongs to, read from the width
+    of its image encoder's patch embedding (768, 1024 or 1280 channels)."""
+    weight = state_dict.get(PATCH_EMBEDDING)
+    if weight is None:
+        raise ValueError(f"not a segment-anything checkpoint: it has no {PATCH_EMBEDDING!r}")
+    width = int(weight.shape[0])
+    if width not in ENCODER_WIDTHS:
+        raise ValueError(
+            f"a segment-anything image encoder of width {width} matches no registry model "
+            f"({', '.join(f'{name}: {w}' for w, name in ENCODER_WIDTHS.items())})"
+        )
+    return ENCODER_WIDTHS[width]
 
 
 class SegmentAnythingBoxSegmenter:
@@ -51,22 +69,28 @@ class SegmentAnythingBoxSegmenter:
     def from_checkpoint(
         cls,
         checkpoint_path: str | os.PathLike,
-        model_type: str = "vit_b",
+        model_type: str | None = None,
         device: str | torch.device | None = None,
     ) -> SegmentAnythingBoxSegmenter:
-        """Build ``model_type`` from segment-anything's registry and load ``checkpoint_path`` into it.
+        """Build the checkpoint's model from segment-anything's registry and load ``checkpoint_path`` into it.
 
         Args:
-            checkpoint_path: an original SAM checkpoint (``.pth``), or any file holding its state dict.
-            model_type: ``"vit_b"``, ``"vit_l"`` or ``"vit_h"``, matching the checkpoint.
+            checkpoint_path: an original SAM checkpoint (``.pth``: ``sam_vit_b_01ec64.pth``, ``sam_vit_l_0b3195.pth``,
+                ``sam_vit_h_4b8939.pth``), or any file holding its state dict.
+            model_type: ``"vit_b"``, ``"vit_l"`` or ``"vit_h"``; read from the checkpoint when not given, and
+                checked against it when given.
             device: where the model runs; CUDA when available if not given.
         """
-        segment_anything = import_optional("segment_anything", extra="sam")
-        if model_type not in SEGMENT_ANYTHING_MODEL_TYPES:
+        if model_type is not None and model_type not in SEGMENT_ANYTHING_MODEL_TYPES:
             raise ValueError(f"`model_type` must be one of {SEGMENT_ANYTHING_MODEL_TYPES}, got {model_type!r}")
+        segment_anything = import_optional("segment_anything", extra="sam")
+        state_dict = load_weights_only_checkpoint(checkpoint_path)
+        found = sam_model_type_of(state_dict)
+        if model_type is not None and model_type != found:
+            raise ValueError(f"`model_type` is {model_type!r} but {os.fspath(checkpoint_path)} holds a {found} model")
         # checkpoint=None: the registry's builder would otherwise unpickle the file with torch.load's defaults.
-        model = segment_anything.sam_model_registry[model_type](checkpoint=None)
-        model.load_state_dict(load_weights_only_checkpoint(checkpoint_path))
+        model = segment_anything.sam_model_registry[found](checkpoint=None)
+        model.load_state_dict(state_dict)
         model.to(resolve_device(device)).eval()
         return cls(segment_anything.SamPredictor(model))
 
