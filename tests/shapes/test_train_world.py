@@ -188,7 +188,7 @@ def test_a_planted_pickle_is_never_unpickled(tmp_path, name):
     optimizer = torch.optim.AdamW(model.parameters())
     expected = ValueError if name.endswith(".safetensors") else RuntimeError
     with pytest.raises(expected, match="unet"):
-        tw._resume(tw.checkpoint_path(tmp_path, "unet"), model, optimizer, torch.Generator())
+        tw.resume_stage(tw.checkpoint_path(tmp_path, "unet"), model, optimizer, torch.Generator())
     assert not marker.exists()
 
 
@@ -200,7 +200,7 @@ def test_checkpoint_round_trip_keeps_every_kind_of_state(tmp_path):
     generator = torch.Generator().manual_seed(5)
     ema = [p.detach().clone() + 1 for p in model.parameters()]
     path = tw.checkpoint_path(tmp_path, "vae")
-    tw._save(path, 7, model, optimizer, generator, ema)
+    tw.save_stage(path, 7, model, optimizer, generator, ema)
     state = tw.load_checkpoint(path)
     assert state["step"] == 7 and state["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.9)
     assert state["optimizer"]["param_groups"][0]["lr"] == 0.1 and set(state["optimizer"]["state"]) == {0, 1}
@@ -209,7 +209,7 @@ def test_checkpoint_round_trip_keeps_every_kind_of_state(tmp_path):
 
     restored, restored_generator = torch.nn.Linear(3, 2), torch.Generator()
     restored_optimizer = torch.optim.AdamW(restored.parameters())
-    assert tw._resume(path, restored, restored_optimizer, restored_generator) == 7
+    assert tw.resume_stage(path, restored, restored_optimizer, restored_generator) == 7
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters()))
     assert torch.equal(torch.rand(4, generator=restored_generator), torch.rand(4, generator=generator))
     for saved, loaded in zip(optimizer.state.values(), restored_optimizer.state.values()):

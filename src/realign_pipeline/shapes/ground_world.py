@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import os
 import shutil
 import sys
 import time
@@ -65,6 +63,7 @@ from ..pipeline_realign_diff import (
     words_with_token_positions,
 )
 from .data import IMAGE_SIZE, Sample, make_sample, parse_prompt, phrase_for
+from .train_world import checkpoint_path, ema_update, lr_at, resume_stage, save_stage, set_lr
 
 WORLD = Path(__file__).with_name("world")
 MAX_GROUPS = 3  # scenes name at most three object groups
@@ -192,6 +191,11 @@ def padding_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return is_eos.cumsum(dim=1) > 0
 
 
+def attention_on_group_words(attention: torch.Tensor, word_tokens: torch.Tensor) -> torch.Tensor:
+    """``A_i``: each pixel's attention on each group's words, ``(B, G, N)`` from ``(B, N, L)`` and ``(B, G, L)``."""
+    return torch.einsum("bnl,bgl->bgn", attention, word_tokens.to(attention.dtype))
+
+
 def token_grounding_loss(
     attention: torch.Tensor, word_tokens: torch.Tensor, masks: torch.Tensor, present: torch.Tensor
 ) -> torch.Tensor:
@@ -201,7 +205,7 @@ def token_grounding_loss(
     ``(B, G, L)`` bool, ``masks`` ``(B, G, N)`` in [0, 1], ``present`` ``(B, G)`` bool. Per group:
     ``(1 − Σ_i m_i A_i / Σ_i A_i)²`` with ``A_i = Σ_{j∈group} attention_ij``; mean over present groups.
     """
-    group_attention = torch.einsum("bnl,bgl->bgn", attention, word_tokens.to(attention.dtype))
+    group_attention = attention_on_group_words(attention, word_tokens)
     inside = (group_attention * masks).sum(-1) / group_attention.sum(-1).clamp(min=1e-8)
     per_group = (1.0 - inside) ** 2
     return (per_group * present).sum() / present.sum().clamp(min=1)
@@ -215,7 +219,7 @@ def pixel_grounding_loss(
     Same arguments as ``token_grounding_loss``. Pushes ``A_i`` up inside the object (mass off the padding
     and off other objects' words) and down outside it.
     """
-    group_attention = torch.einsum("bnl,bgl->bgn", attention, word_tokens.to(attention.dtype))
+    group_attention = attention_on_group_words(attention, word_tokens)
     bce = F.binary_cross_entropy(group_attention.clamp(1e-6, 1 - 1e-6), masks, reduction="none").mean(-1)
     return (bce * present).sum() / present.sum().clamp(min=1)
 
@@ -227,73 +231,6 @@ def true_mask_regions(data: GroundingData, index: torch.Tensor, dropped: torch.T
     covered, labels = masks.max(dim=1)
     labels = torch.where((covered >= 0.5) & ~dropped[:, None, None], labels, -1)
     return RegionTensors(labels=labels, region_tokens=data.word_tokens[index] & ~dropped[:, None, None])
-
-
-def lr_at(step: int, config: GroundingConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the rate: a pure function of the step."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-    return config.learning_rate * (
-        config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints (safetensors only: nothing is unpickled on resume)
-
-
-def save_state(
-    path: Path,
-    step: int,
-    params: list[torch.Tensor],
-    optimizer: torch.optim.AdamW,
-    ema: list[torch.Tensor],
-    generator: torch.Generator,
-) -> None:
-    """Weights, Adam moments, EMA and the RNG state, written atomically."""
-    tensors = {"generator": generator.get_state()}
-    for index, (param, average) in enumerate(zip(params, ema)):
-        tensors[f"param.{index}"] = param.detach().contiguous()
-        tensors[f"ema.{index}"] = average.contiguous()
-        state = optimizer.state.get(param)
-        if state:
-            tensors[f"exp_avg.{index}"] = state["exp_avg"].contiguous()
-            tensors[f"exp_avg_sq.{index}"] = state["exp_avg_sq"].contiguous()
-            tensors[f"adam_step.{index}"] = torch.as_tensor(state["step"]).reshape(1).float()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step)})
-    os.replace(tmp, path)
-
-
-def load_state(
-    path: Path,
-    params: list[torch.Tensor],
-    optimizer: torch.optim.AdamW,
-    ema: list[torch.Tensor],
-    generator: torch.Generator,
-) -> int:
-    """Restore what ``save_state`` wrote; returns the step (0 when there is no checkpoint)."""
-    if not path.exists():
-        return 0
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        step = int(handle.metadata()["step"])
-    tensors = load_file(str(path))
-    generator.set_state(tensors["generator"])
-    with torch.no_grad():
-        for index, (param, average) in enumerate(zip(params, ema)):
-            param.copy_(tensors[f"param.{index}"])
-            average.copy_(tensors[f"ema.{index}"])
-            if f"exp_avg.{index}" in tensors:
-                optimizer.state[param] = {
-                    "step": tensors[f"adam_step.{index}"][0].clone(),
-                    "exp_avg": tensors[f"exp_avg.{index}"].clone(),
-                    "exp_avg_sq": tensors[f"exp_avg_sq.{index}"].clone(),
-                }
-    return step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,8 +257,10 @@ def ground_world(config: GroundingConfig) -> dict:
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
     generator = torch.Generator().manual_seed(config.seed + 40)
-    checkpoint = config.work / "grounding.safetensors"
-    step = start = load_state(checkpoint, params, optimizer, ema, generator)
+    # train_world's stage checkpoints: safetensors only, nothing is unpickled on resume.
+    models = torch.nn.ModuleList([unet, text_encoder])
+    checkpoint = checkpoint_path(config.work, "grounding")
+    step = start = resume_stage(checkpoint, models, optimizer, generator, ema)
 
     alphas_cumprod = noise_scheduler.alphas_cumprod
     snr = alphas_cumprod / (1 - alphas_cumprod)
@@ -335,8 +274,7 @@ def ground_world(config: GroundingConfig) -> dict:
     unet.train()
     text_encoder.train()
     while step < config.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
+        set_lr(optimizer, lr_at(step, config.learning_rate, config.steps, config.warmup_steps, config.min_lr_ratio))
         index = torch.randint(len(data.latents), (config.batch_size,), generator=generator)
         clean = data.latents[index]
         noise = torch.randn(clean.shape, generator=generator)
@@ -389,10 +327,7 @@ def ground_world(config: GroundingConfig) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        with torch.no_grad():
-            rate = min(config.ema_decay, (1 + step) / (10 + step))
-            for average, param in zip(ema, params):
-                average.lerp_(param.detach(), 1 - rate)
+        ema_update(ema, params, step, config.ema_decay)
         step += 1
         bar.update(1)
         values = {
@@ -412,7 +347,7 @@ def ground_world(config: GroundingConfig) -> dict:
             tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
             sums = {}
         if step % config.checkpoint_every == 0 or step == config.steps:
-            save_state(checkpoint, step, params, optimizer, ema, generator)
+            save_stage(checkpoint, step, models, optimizer, generator, ema)
     bar.close()
 
     with torch.no_grad():

@@ -438,7 +438,7 @@ def train_vae(config: WorldConfig, images: np.ndarray) -> tuple[AutoencoderKL, d
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed + 10)
     path = checkpoint_path(config.work, "vae")
-    step = start = _resume(path, vae, optimizer, generator)
+    step = start = resume_stage(path, vae, optimizer, generator)
     pixels = torch.from_numpy(images)  # uint8; converted per batch to keep memory at a quarter
     logger = StageLogger("vae", config.vae_steps, step, config.log_every, config.work / "log.jsonl")
     vae.train()
@@ -459,7 +459,7 @@ def train_vae(config: WorldConfig, images: np.ndarray) -> tuple[AutoencoderKL, d
         logger.step(step, reconstruction_loss.item())
         step += 1
         if step % config.checkpoint_every == 0 or step == config.vae_steps:
-            _save(path, step, vae, optimizer, generator)
+            save_stage(path, step, vae, optimizer, generator)
     seconds = logger.close()
     vae.eval()
     return vae, {"steps": step, "resumed_from": start, "seconds_this_run": seconds, "parameters": num_parameters(vae)}
@@ -495,7 +495,7 @@ def train_unet(
     ema = [p.detach().clone() for p in params]
     generator = torch.Generator().manual_seed(config.seed + 20)
     path = checkpoint_path(config.work, "unet")
-    step = start = _resume(path, torch.nn.ModuleList([unet, text_encoder]), optimizer, generator, ema)
+    step = start = resume_stage(path, torch.nn.ModuleList([unet, text_encoder]), optimizer, generator, ema)
 
     def token_ids(texts: list[str]) -> torch.Tensor:
         return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")[
@@ -532,7 +532,7 @@ def train_unet(
         logger.step(step, per_sample.mean().item())
         step += 1
         if step % config.checkpoint_every == 0 or step == config.unet_steps:
-            _save(path, step, torch.nn.ModuleList([unet, text_encoder]), optimizer, generator, ema)
+            save_stage(path, step, torch.nn.ModuleList([unet, text_encoder]), optimizer, generator, ema)
     seconds = logger.close()
     with torch.no_grad():
         for param, average in zip(params, ema):
@@ -557,7 +557,7 @@ def train_captioner(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.captioner_lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(config.seed + 30)
     path = checkpoint_path(config.work, "captioner")
-    step = start = _resume(path, model, optimizer, generator)
+    step = start = resume_stage(path, model, optimizer, generator)
     encoded = tokenizer(captions, padding="max_length", max_length=config.captioner_max_length, return_tensors="pt")
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     pixels = torch.from_numpy(images)
@@ -577,7 +577,7 @@ def train_captioner(
         logger.step(step, output.loss.item())
         step += 1
         if step % config.checkpoint_every == 0 or step == config.captioner_steps:
-            _save(path, step, model, optimizer, generator)
+            save_stage(path, step, model, optimizer, generator)
     seconds = logger.close()
     model.eval()
     return model, {
@@ -588,7 +588,7 @@ def train_captioner(
     }
 
 
-def _save(
+def save_stage(
     path: Path,
     step: int,
     model: torch.nn.Module,
@@ -609,7 +609,7 @@ def _save(
     )
 
 
-def _resume(
+def resume_stage(
     path: Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
