@@ -14,10 +14,14 @@ from realign_pipeline.shapes.ground_world import (
     GroundingConfig,
     GroundingData,
     ground_world,
+    group_boxes,
     group_masks,
+    grown_box_labels,
+    loose_region_labels,
     padding_positions,
     phrase_token_positions,
     pixel_grounding_loss,
+    strip_labels,
     token_grounding_loss,
     true_mask_regions,
 )
@@ -147,3 +151,75 @@ def test_true_mask_regions_give_each_cell_to_the_group_covering_it():
     assert torch.equal(regions.region_tokens[0], word_tokens[0])
     # A dropped caption (trained as the empty prompt) has no regions at all.
     assert (regions.labels[1] == -1).all() and not regions.region_tokens[1].any()
+
+
+def two_objects_side_by_side(side: int = 8) -> torch.Tensor:
+    masks = torch.zeros(3, side, side)
+    masks[0, 2:4, 1:3] = 1.0  # group 0: columns 1-2
+    masks[1, 5:7, 5:7] = 1.0  # group 1: columns 5-6, rows 5-6
+    return masks
+
+
+def test_group_boxes_are_inclusive_and_absent_groups_have_none():
+    masks = two_objects_side_by_side()
+    masks[1, 4, 4] = 0.3  # touched, not covered: outside the box
+    assert group_boxes(masks) == [(2, 1, 3, 2), (5, 5, 6, 6), None]
+    only_touched = torch.zeros(1, 4, 4)
+    only_touched[0, 1, 2] = 0.2  # a tiny object: the cells it touches
+    assert group_boxes(only_touched) == [(1, 2, 1, 2)]
+
+
+def test_strips_hold_each_group_and_cut_between_the_boxes():
+    masks = two_objects_side_by_side()
+    boxes = group_boxes(masks)
+    cuts = set()
+    for seed in range(40):
+        labels = strip_labels(boxes, 8, 1, torch.Generator().manual_seed(seed))
+        # Every row is the same: a left strip for group 0, the rest for group 1.
+        assert (labels == labels[0]).all() and (labels >= 0).all()
+        cut = int((labels[0] == 1).nonzero()[0])
+        cuts.add(cut)
+        assert (labels[:, :cut] == 0).all() and (labels[:, cut:] == 1).all()
+    # The cut lies after group 0's last column (2) and at or before group 1's first (5), all positions drawn.
+    assert cuts == {3, 4, 5}
+    # Along rows the boxes (rows 2-3 and 5-6) also separate: top strip group 0.
+    rows = strip_labels(boxes, 8, 0, torch.Generator().manual_seed(0))
+    assert (rows[:3] == 0).all() and (rows[5:] == 1).all()
+
+
+def test_strips_refuse_boxes_that_overlap_along_the_axis():
+    masks = torch.zeros(2, 8, 8)
+    masks[0, 0:2, 1:5] = 1.0
+    masks[1, 6:8, 3:7] = 1.0  # columns overlap (3-4), rows do not
+    boxes = group_boxes(masks)
+    assert strip_labels(boxes, 8, 1, torch.Generator()) is None
+    assert strip_labels(boxes, 8, 0, torch.Generator()) is not None
+
+
+def test_grown_boxes_keep_objects_and_give_contested_cells_to_nobody():
+    masks = two_objects_side_by_side()
+    labels = grown_box_labels(masks, group_boxes(masks), torch.Generator().manual_seed(0), grow=0)
+    expected = torch.full((8, 8), -1)
+    expected[2:4, 1:3], expected[5:7, 5:7] = 0, 1
+    assert torch.equal(labels, expected)
+    # Grown by 3: the boxes meet around (4, 4); cells both claim stay unassigned, objects stay their own.
+    for seed in range(10):
+        labels = grown_box_labels(masks, group_boxes(masks), torch.Generator().manual_seed(seed), grow=3)
+        assert (labels[2:4, 1:3] == 0).all() and (labels[5:7, 5:7] == 1).all()
+        assert ((labels == 0).sum() >= 4) and ((labels == 1).sum() >= 4)
+    wide = torch.zeros(2, 6, 6)
+    wide[0, :, 0:3] = 1.0  # group 0 spans the left half; group 1 sits inside its grown box
+    wide[1, 2, 4] = 1.0
+    labels = grown_box_labels(wide, group_boxes(wide), torch.Generator().manual_seed(0), grow=3)
+    assert labels[2, 4] == 1 and (labels[:, :3] == 0).all()
+
+
+def test_loose_layouts_always_contain_every_object_in_its_own_region():
+    masks = two_objects_side_by_side()
+    generator = torch.Generator().manual_seed(1)
+    kinds = set()
+    for _ in range(30):
+        labels = loose_region_labels(masks, generator)
+        assert (labels[masks[0] >= 0.5] == 0).all() and (labels[masks[1] >= 0.5] == 1).all()
+        kinds.add("strips" if (labels >= 0).all() else "boxes")
+    assert kinds == {"strips", "boxes"}

@@ -96,6 +96,9 @@ class GroundingConfig:
     # 25-step DDIM run modulates. The model then learns to follow its boosted word attention (see the module doc).
     modulated_fraction: float = 0.0
     modulation_min_timestep: int = 600
+    # Share of a modulated batch's scenes whose regions are loose (strips or grown boxes around each group, as a
+    # user draws them) instead of the true masks: layouts at inference are halves and boxes, not silhouettes.
+    loose_region_fraction: float = 0.0
     checkpoint_every: int = 100
     log_every: int = 25
 
@@ -233,6 +236,81 @@ def true_mask_regions(data: GroundingData, index: torch.Tensor, dropped: torch.T
     return RegionTensors(labels=labels, region_tokens=data.word_tokens[index] & ~dropped[:, None, None])
 
 
+def group_boxes(masks: torch.Tensor) -> list[tuple[int, int, int, int] | None]:
+    """Each group's bounding box ``(top, left, bottom, right)`` (inclusive) on a ``(G, h, w)`` soft mask grid:
+    the cells it covers at least half, or any it touches if none; ``None`` for a group that is absent."""
+    boxes = []
+    for mask in masks:
+        cells = mask >= 0.5 if bool((mask >= 0.5).any()) else mask > 0
+        if not bool(cells.any()):
+            boxes.append(None)
+            continue
+        rows, cols = cells.any(dim=1).nonzero()[:, 0], cells.any(dim=0).nonzero()[:, 0]
+        boxes.append((int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])))
+    return boxes
+
+
+def strip_labels(
+    boxes: list[tuple[int, int, int, int] | None], side: int, axis: int, generator: torch.Generator
+) -> torch.Tensor | None:
+    """Cut the grid into one strip per group along ``axis`` (0: rows, top to bottom; 1: columns), each strip
+    holding its group's box, the cuts drawn uniformly between neighbouring boxes; ``None`` where the boxes
+    overlap along that axis (no such cut exists). Absent groups get no strip."""
+    present = [(group, box) for group, box in enumerate(boxes) if box is not None]
+    present.sort(key=lambda item: item[1][axis] + item[1][axis + 2])
+    for (_, before), (_, after) in zip(present[:-1], present[1:]):
+        if before[axis + 2] >= after[axis]:
+            return None
+    labels = torch.full((side, side), -1, dtype=torch.long)
+    start = 0
+    for position, (group, box) in enumerate(present):
+        if position + 1 < len(present):
+            low, high = box[axis + 2] + 1, present[position + 1][1][axis]
+            stop = int(torch.randint(low, high + 1, (1,), generator=generator))
+        else:
+            stop = side
+        if axis == 0:
+            labels[start:stop, :] = group
+        else:
+            labels[:, start:stop] = group
+        start = stop
+    return labels
+
+
+def grown_box_labels(
+    masks: torch.Tensor, boxes: list[tuple[int, int, int, int] | None], generator: torch.Generator, grow: int = 3
+) -> torch.Tensor:
+    """Each group's box grown by 0..``grow`` cells on every side; a cell two grown boxes claim goes to neither,
+    and a group's own object cells (true mask ≥ 0.5) are always its own."""
+    side = masks.shape[-1]
+    claims = torch.zeros(len(boxes), side, side, dtype=torch.bool)
+    for group, box in enumerate(boxes):
+        if box is None:
+            continue
+        margins = torch.randint(0, grow + 1, (4,), generator=generator).tolist()
+        top, left = max(box[0] - margins[0], 0), max(box[1] - margins[1], 0)
+        bottom, right = min(box[2] + margins[2], side - 1), min(box[3] + margins[3], side - 1)
+        claims[group, top : bottom + 1, left : right + 1] = True
+    labels = torch.where(claims.sum(0) == 1, claims.to(torch.long).argmax(0), -1)
+    for group in range(len(boxes)):
+        labels = torch.where(masks[group] >= 0.5, group, labels)
+    return labels
+
+
+def loose_region_labels(masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A user-style layout for one scene from its ``(G, h, w)`` true masks: strips along a random axis (halves,
+    thirds) when the groups' boxes can be cut apart that way, else grown boxes; every object stays inside its
+    own group's region, so the rendered scene is one the layout asks for."""
+    boxes = group_boxes(masks)
+    if bool(torch.rand((), generator=generator) < 0.5):
+        first_axis = int(torch.randint(0, 2, (1,), generator=generator))
+        for axis in (first_axis, 1 - first_axis):
+            labels = strip_labels(boxes, masks.shape[-1], axis, generator)
+            if labels is not None:
+                return labels
+    return grown_box_labels(masks, boxes, generator)
+
+
 # ---------------------------------------------------------------------------------------------
 # training
 
@@ -302,6 +380,13 @@ def ground_world(config: GroundingConfig) -> dict:
         )
         if modulated:
             state.regions = true_mask_regions(data, index, dropped, latent_side)
+            loose = torch.zeros(len(index), dtype=torch.bool)
+            if config.loose_region_fraction > 0:
+                loose = torch.rand(len(index), generator=generator) < config.loose_region_fraction
+            for row in loose.nonzero()[:, 0].tolist():
+                if not bool(dropped[row]):
+                    masks = data.masks[latent_side][index[row]]
+                    state.regions.labels[row] = loose_region_labels(masks, generator)
             state.modulate, state.timestep = True, float(timesteps[0])
         prediction = unet(noisy, timesteps, seen, cross_attention_kwargs={"realign_state": state}).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
