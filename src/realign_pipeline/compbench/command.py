@@ -202,11 +202,14 @@ def run_compbench_eval(args: argparse.Namespace) -> dict:
     """Run (or resume) the benchmark on this process's shard; process 0 writes the report. Returns the
     paths written (on process 0) and this process's counts of images drawn and items scored."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     settings = settings_from_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    state = PartialState()
+    # PartialState, unlike Accelerator, does not read ACCELERATE_USE_CPU: without cpu=True, CPU processes
+    # started by `accelerate launch` would each run alone.
+    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = torch.device(args.device) if args.device else state.device
     output = Path(args.compbench_output)
     progress = not args.no_progress
