@@ -60,6 +60,7 @@ DEFAULT_BATCH_SIZE = 16
 CONTACT_SHEET_COLUMNS = 8
 RESULTS_FILE = "results.json"
 TABLE_FILE = "table.md"
+HTML_FILE = "report.html"
 
 
 @dataclass(frozen=True)
@@ -614,4 +615,43 @@ def write_report(
     }
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
     paths["table"].write_text(table + "\n")
+    paths["html"] = output / HTML_FILE
+    paths["html"].write_text(html_report(results, table))
     return paths
+
+
+def html_report(results: Sequence[ConfigurationResult], table: str) -> str:
+    """The HTML report shared with T2I-CompBench (``reports.html``): the tables, a bar chart of accuracy per
+    category with 95% Wilson intervals, each configuration's contact sheet and every prompt's verdict."""
+    from ..reports.html import BarSeries, bar_chart_svg, escape, html_page, html_table
+
+    categories = list(results[0].categories) if results else []
+    series = [
+        BarSeries(
+            r.configuration.name,
+            {c: r.categories[c].accuracy for c in categories},
+            {c: r.categories[c].interval for c in categories},
+        )
+        for r in results
+    ]
+    sections = [
+        ("Tables", "<pre>" + escape(table) + "</pre>"),
+        ("Accuracy per category", bar_chart_svg(categories, series, "share of images passing every check")),
+    ]
+    for r in results:
+        name = r.configuration.name
+        rows = [
+            [c, record["prompt"], "passed" if record["passed"] else "; ".join(record["reasons"])]
+            for c in categories
+            for record in r.categories[c].records
+        ]
+        sections.append(
+            (
+                name,
+                f'<img src="contact-sheet-{escape(name)}.png" alt="contact sheet {escape(name)}">'
+                "<details><summary>per-prompt verdicts</summary>"
+                + html_table(["category", "prompt", "verdict"], rows)
+                + "</details>",
+            )
+        )
+    return html_page("realign eval: the shapes world", sections)
