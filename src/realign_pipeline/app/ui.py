@@ -327,6 +327,7 @@ def build_app(engine: AppEngine, default_prompt: str, files_folder: str | Path |
                             value=defaults.cross_attention_weight,
                             step=0.05,
                             label="Cross-attention weight",
+                            info="above 1 the early steps invert the order of the scores (the pipeline warns)",
                             elem_id="cross-weight",
                         ),
                         gr.Slider(
