@@ -47,8 +47,8 @@ KNOWN_BUGS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "the last modulation_fraction of the steps modulated": (
         PIPELINE,
-        "state.modulate = i < modulated_steps",
-        "state.modulate = i >= len(timesteps) - modulated_steps",
+        "state.modulate = torch.tensor(i < modulated_steps)",
+        "state.modulate = torch.tensor(i >= len(timesteps) - modulated_steps)",
         METHOD_TESTS,
     ),
     "attention maps recorded from the unconditional half": (

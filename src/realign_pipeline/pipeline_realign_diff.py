@@ -558,6 +558,8 @@ def score_row_range(
         chunk_elements = _default_chunk_elements(query.device)
     chunk = max(1, min(num_rows, chunk_elements // max(1, heads * num_keys)))
     differentiable = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    if torch.compiler.is_compiling() and not differentiable:
+        return _score_row_range_traced(query, key, scale=scale, chunk=chunk)
     with torch.no_grad():
         key_t = key.transpose(1, 2)
         shape = dict(size=(heads, num_rows), device=query.device)
@@ -583,6 +585,18 @@ def score_row_range(
         return ((query * (key_max - key_min)).sum(-1) * scale).float()
     # scale > 0, so it commutes with max and min: one multiply per row instead of one per score.
     return (row_max.float() - row_min.float()) * scale
+
+
+def _score_row_range_traced(query: torch.Tensor, key: torch.Tensor, *, scale: float, chunk: int) -> torch.Tensor:
+    """``score_row_range``'s chunked pass written for torch.compile: the same chunks and the same float32
+    difference, without ``out=`` into views (which dynamo cannot trace); the compiler plans the buffers and
+    can fuse each chunk's ``amax`` and ``amin`` into one read of its scores."""
+    key_t = key.transpose(1, 2)
+    ranges = []
+    for start in range(0, query.shape[1], chunk):
+        block = torch.bmm(query[:, start : start + chunk], key_t)
+        ranges.append(block.amax(dim=-1).float() - block.amin(dim=-1).float())
+    return torch.cat(ranges, dim=1) * scale
 
 
 def widened_query_key_value(
@@ -615,8 +629,8 @@ def widened_query_key_value(
     value_wide = value.new_empty(batch, num_keys, heads, width).transpose(1, 2)
     lam = strength.to(torch.float32)[:, None, :, None]
     keep = (1.0 - lam).to(query.dtype)
-    if torch.is_grad_enabled() and query.requires_grad:
-        query_wide[..., :head_dim] = query * keep  # out= has no autograd
+    if (torch.is_grad_enabled() and query.requires_grad) or torch.compiler.is_compiling():
+        query_wide[..., :head_dim] = query * keep  # out= has no autograd, and dynamo cannot trace it into a view
     else:
         torch.mul(query, keep, out=query_wide[..., :head_dim])  # one pass, no temporary
     bias = (lam * row_range[..., None]) * (query_regions.to(torch.float32)[:, None] / scale)
@@ -650,10 +664,20 @@ def reweighted_attention_fast(
     the modulated rows only. Never materialises an ``N × K`` matrix; ``chunk_elements`` bounds the
     scores the range pass holds at once.
     """
+    batch, heads, num_queries, head_dim = query.shape
+    if torch.compiler.is_compiling():
+        # One graph whatever the layout and the step: no data-dependent branch or row selection. Rows with λ = 0
+        # get a range they do not use (their bias is λ·range = 0), and λ = 0 everywhere is plain attention.
+        row_range = score_row_range(
+            query.reshape(batch * heads, num_queries, head_dim),
+            key.reshape(batch * heads, key.shape[2], head_dim),
+            scale=scale,
+            chunk_elements=chunk_elements,
+        ).view(batch, heads, num_queries)
+        return _widened_attention(query, key, value, scale, strength, row_range, query_regions, key_regions)
     active = strength > 0
     if not bool(active.any()):
         return F.scaled_dot_product_attention(query, key, value, scale=scale)
-    batch, heads, num_queries, _ = query.shape
     # Built by scatter rather than in place, so autograd can follow the ranges back to q and k.
     ranges_per_item = []
     for index in range(batch):
@@ -665,6 +689,20 @@ def reweighted_attention_fast(
             ranges = ranges.new_zeros(heads, num_queries).index_copy(1, rows, ranges)
         ranges_per_item.append(ranges)
     row_range = torch.stack(ranges_per_item)
+    return _widened_attention(query, key, value, scale, strength, row_range, query_regions, key_regions)
+
+
+def _widened_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    strength: torch.Tensor,
+    row_range: torch.Tensor,
+    query_regions: torch.Tensor,
+    key_regions: torch.Tensor,
+) -> torch.Tensor:
+    """The fused SDPA call over ``widened_query_key_value``'s q′, k′, v′, with the padding channels dropped."""
     query_wide, key_wide, value_wide = widened_query_key_value(
         query,
         key,
@@ -712,15 +750,21 @@ class CrossAttentionRecorder:
     def __init__(self, keep_graph: bool = False) -> None:
         self.keep_graph = keep_graph
         self.sums: dict[tuple[int, int], torch.Tensor] = {}
-        self.counts: dict[tuple[int, int], int] = {}
+        # 0-d tensors, not ints: under torch.compile an int read in the graph is a guard on its value, which every
+        # step would change (a new graph per step); a tensor count is a graph input like the sums.
+        self.counts: dict[tuple[int, int], torch.Tensor] = {}
 
     def record(self, probabilities: torch.Tensor, grid: tuple[int, int]) -> None:
         """Add ``probabilities`` of shape (B, heads, h*w, tokens) for one layer call."""
         maps = probabilities.mean(dim=1)
         if not self.keep_graph:
             maps = maps.detach().float()
-        self.sums[grid] = self.sums[grid] + maps if grid in self.sums else maps
-        self.counts[grid] = self.counts.get(grid, 0) + 1
+        if grid in self.sums:
+            self.sums[grid] = self.sums[grid] + maps
+            self.counts[grid] = self.counts[grid] + 1
+        else:
+            self.sums[grid] = maps
+            self.counts[grid] = torch.ones((), device=maps.device)
 
     def mean_maps(self) -> dict[tuple[int, int], torch.Tensor]:
         """Average maps per resolution: ``(h, w) -> (B, h, w, tokens)``."""
@@ -747,6 +791,11 @@ class AttentionModulationState:
     """Everything the attention processor needs for one pipeline call; passed per call through
     ``cross_attention_kwargs={"realign_state": state}``. The denoising loop updates ``timestep``
     and ``modulate`` at each step; nothing is stored in the processor or in globals.
+
+    Under ``torch.compile`` give ``timestep`` and ``modulate`` as 0-d tensors (the pipeline's loop does): a
+    Python float or bool read inside the compiled UNet is a guard on its value, so every new step would
+    compile a new graph. As tensors they are graph inputs, the switch is folded into λ (λ = 0 is plain
+    attention), and every step of a run, modulated or not, runs one graph.
     """
 
     latent_size: tuple[int, int]
@@ -754,9 +803,9 @@ class AttentionModulationState:
     cross_attention_weight: float = 1.0
     self_attention_weight: float = 0.3
     area_weight: float = 1.0
-    timestep: float = 1000.0
+    timestep: float | torch.Tensor = 1000.0
     num_train_timesteps: int = 1000
-    modulate: bool = False
+    modulate: bool | torch.Tensor = False
     conditional_half_only: bool = True
     # The re-weighting function for this call (``reweighted_attention_fast`` or ``_reference``); ``None`` uses the
     # processor's own. Per call, so concurrent calls asking for different implementations share one processor.
@@ -768,9 +817,12 @@ class AttentionModulationState:
         default_factory=dict
     )
 
-    def time_factor(self) -> float:
-        """DenseDiffusion's time decay ``c(t) = (t / T) ** 5``: strong early, gone by the end."""
-        return (float(self.timestep) / self.num_train_timesteps) ** 5
+    def time_factor(self) -> float | torch.Tensor:
+        """DenseDiffusion's time decay ``c(t) = (t / T) ** 5``: strong early, gone by the end.
+
+        A float for a float ``timestep``, a 0-d tensor for a tensor one (no ``float()``: that would end a graph).
+        """
+        return (self.timestep / self.num_train_timesteps) ** 5
 
     def regions_on_grid(
         self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype
@@ -782,7 +834,9 @@ class AttentionModulationState:
         partition at every resolution.
         """
         cache_key = (grid[0], grid[1], torch.device(device), dtype)
-        if cache_key not in self.per_grid:
+        # Inside a compiled graph the cache is neither read nor filled: computed in the graph (a few small ops), so
+        # the graph holds no guard on this dict, whose keys an eager call with the same state may change.
+        if torch.compiler.is_compiling() or cache_key not in self.per_grid:
             labels = self.regions.labels
             num_regions = self.regions.region_tokens.shape[1]
             planes = F.one_hot(labels + 1, num_regions + 1).permute(0, 3, 1, 2).float()
@@ -793,7 +847,10 @@ class AttentionModulationState:
             area_of_pixel = (one_hot * area).sum(-1)
             # Clamped at 0: with area_weight > 1 a large region would otherwise flip the modulation.
             area_factor = (1.0 - self.area_weight * area_of_pixel).clamp(min=0.0) * (flat >= 0)
-            self.per_grid[cache_key] = (one_hot.to(device, dtype), area_factor.to(device, dtype))
+            on_grid = (one_hot.to(device, dtype), area_factor.to(device, dtype))
+            if torch.compiler.is_compiling():
+                return on_grid
+            self.per_grid[cache_key] = on_grid
         return self.per_grid[cache_key]
 
 
@@ -898,7 +955,9 @@ class RealignAttnProcessor:
             state.recorder.record(scores.float().softmax(dim=-1), grid)
 
         weight = state.cross_attention_weight if is_cross_attention else state.self_attention_weight
-        if not state.modulate or state.regions is None or weight == 0.0:
+        # Compiled, with the step's switch a tensor: no branch on it (a graph break), λ is multiplied by it instead.
+        switch_in_graph = torch.compiler.is_compiling() and isinstance(state.modulate, torch.Tensor)
+        if (not switch_in_graph and not state.modulate) or state.regions is None or weight == 0.0:
             return F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )
@@ -919,6 +978,8 @@ class RealignAttnProcessor:
         else:
             key_regions = query_regions
         strength = weight * state.time_factor() * area_factor
+        if switch_in_graph:
+            strength = strength * state.modulate
         attention_function = state.attention_function or self.attention_function
         modulated = attention_function(
             query[start:],
@@ -1401,8 +1462,9 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     break
-                state.timestep = float(t)
-                state.modulate = i < modulated_steps
+                # 0-d tensors, so a compiled UNet runs one graph for every step (see AttentionModulationState).
+                state.timestep = torch.tensor(float(t))
+                state.modulate = torch.tensor(i < modulated_steps)
 
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
