@@ -12,7 +12,15 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditio
 from huggingface_hub import HfApi
 from peft import LoraConfig
 
-from realign_pipeline.hub import build_upload_folder, save_lora_adapter, save_unet
+from realign_pipeline.cli import main
+from realign_pipeline.hub import (
+    STAGING_MARKER,
+    build_model_card,
+    build_upload_folder,
+    commit_operations,
+    save_lora_adapter,
+    save_unet,
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +111,8 @@ def test_full_pipeline_folder_loads_through_every_documented_path(trained, tmp_p
     front_matter = card.split("---")[1]
     for tag in ("diffusers", "text-to-image", "realign-diff", "lora"):
         assert f"- {tag}" in front_matter
-    assert "base_model:" in front_matter and "license: creativeml-openrail-m" in front_matter
+    # The base is a local folder here: the metadata names Hub ids only, the body names the folder by its last part.
+    assert "base_model:" not in front_matter and "license: creativeml-openrail-m" in front_matter
     for fact in (
         "concept_matching",
         "| 0.5",
@@ -124,6 +133,7 @@ def test_unet_only_folder_holds_just_the_unet_and_the_card(trained, tmp_path):
     )
     files = sorted(p.relative_to(upload).as_posix() for p in upload.rglob("*") if p.is_file())
     assert files == [
+        STAGING_MARKER,  # marks the folder as a build (never uploaded: commit_operations leaves it out)
         "README.md",
         "images/samples_after.png",
         "images/samples_before.png",
@@ -142,9 +152,33 @@ class FakeHub(BaseHTTPRequestHandler):
 
     requests: list = []
     repos: dict = {}
+    deleted: list = []
+    fail_commits = False
 
     def log_message(self, *args):
         pass
+
+    def do_GET(self):
+        path = self.path.partition("?")[0]
+        self.requests.append((path, ""))
+        repo = path.removeprefix("/api/models/")
+        if path.startswith("/api/models/") and repo in self.repos:
+            return self.reply({"id": repo, "private": False, "sha": "0" * 40})
+        body = json.dumps({"error": "Repository not found"}).encode()
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_DELETE(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        self.requests.append((self.path, ""))
+        repo = f"{body.get('organization') or 'me'}/{body['name']}"
+        self.repos.pop(repo, None)
+        FakeHub.deleted.append(repo)
+        return self.reply({})
 
     def reply(self, payload, status=200):
         body = json.dumps(payload).encode()
@@ -171,6 +205,8 @@ class FakeHub(BaseHTTPRequestHandler):
             )
         if "/branch/" in path:
             return self.reply({})
+        if "/commit/" in path and FakeHub.fail_commits:
+            return self.reply({"error": "Forbidden: you cannot write to this repository"}, 403)
         if "/commit/" in path:
             lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
             stored = {}
@@ -192,7 +228,7 @@ class FakeHub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_hub():
-    FakeHub.requests, FakeHub.repos, FakeHub.commits = [], {}, []
+    FakeHub.requests, FakeHub.repos, FakeHub.commits, FakeHub.deleted, FakeHub.fail_commits = [], {}, [], [], False
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -249,7 +285,7 @@ def test_push_commands_make_one_commit_each_holding_exactly_the_folder(trained, 
 
     assert first["path"] == "/api/models/me/realign-sd15/commit/main"
     local = {p.relative_to(full).as_posix(): p.read_bytes() for p in full.rglob("*") if p.is_file()}
-    assert first["files"] == local
+    assert local.pop(STAGING_MARKER) and first["files"] == local
     assert {"model_index.json", "pipeline.py", "README.md", "unet/diffusion_pytorch_model.safetensors"} <= set(local)
     repo = FakeHub.repos["me/realign-sd15"]
     assert repo.get("visibility") == "private" or repo.get("private") is True
@@ -264,7 +300,9 @@ def test_push_commands_make_one_commit_each_holding_exactly_the_folder(trained, 
     assert any(path == "/api/models/me/r/branch/experiment" for path, _ in FakeHub.requests)
     assert branch["path"] == "/api/models/me/r/commit/experiment"
     assert branch["files"] == {
-        p.relative_to(unet_only).as_posix(): p.read_bytes() for p in unet_only.rglob("*") if p.is_file()
+        p.relative_to(unet_only).as_posix(): p.read_bytes()
+        for p in unet_only.rglob("*")
+        if p.is_file() and p.name != STAGING_MARKER
     }
     assert "create_pr=1" in pull_request["query"] and pull_request["path"] == "/api/models/me/r/commit/main"
     assert "pushed: http://127.0.0.1" in done.stdout and "/me/r/discussions/1" in done.stdout
@@ -290,3 +328,125 @@ def test_push_help_reads_well():
     assert "--unet-only" in help_texts[1] and "custom_pipeline" in help_texts[1]
     args = parser.parse_args(["train", "--config", "run.yaml", "--set", "max_train_steps=3"])
     assert args.overrides == ["max_train_steps=3"] and args.run.__name__ == "run_train"
+
+
+@pytest.fixture
+def unet_folder(tmp_path):
+    """A training output folder with a UNet folder shaped as diffusers writes it (its weights are not read)."""
+    folder = tmp_path / "trained"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text("{}")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    return folder
+
+
+def push_fails_with(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["push", *argv])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"realign push: error: {message}\n"
+
+
+def test_push_names_what_is_missing_before_anything_is_written(unet_folder, tmp_path, capsys):
+    staging = tmp_path / "staging"
+    missing = tmp_path / "no-such-run"
+    push_fails_with(
+        capsys,
+        [str(missing), "--repo-id", "me/x", "--staging-dir", str(staging), "--dry-run"],
+        f"trained: no such folder {str(missing)!r} (a training output folder or a UNet folder)",
+    )
+    push_fails_with(
+        capsys,
+        [str(tmp_path), "--repo-id", "me/x", "--dry-run", "--staging-dir", str(staging)],
+        f"trained: {str(tmp_path)!r} holds no diffusers UNet (config.json + safetensors, in it or in unet/)",
+    )
+    push_fails_with(
+        capsys,
+        [str(unet_folder), "--repo-id", "me/x", "--unet-only", "--dry-run", "--staging-dir", str(staging)],
+        f"--base-model is needed: {str(unet_folder)!r} has no training_summary.json naming the base pipeline",
+    )
+    push_fails_with(
+        capsys,
+        [str(unet_folder), "--repo-id", "me/x", "--base-model", "b/m", "--dry-run"],
+        "--dry-run needs --staging-dir DIR to leave the folder somewhere to look at",
+    )
+    push_fails_with(
+        capsys,
+        [str(unet_folder), "--repo-id", "me/x", "--base-model", "b/m", "--eval-table", str(tmp_path / "t.md")],
+        f"--eval-table {tmp_path / 't.md'}: no such file (a Markdown table)",
+    )
+    assert not staging.exists()
+    staging.mkdir()
+    (staging / "notes.txt").write_text("mine")
+    push_fails_with(
+        capsys,
+        [str(unet_folder), "--repo-id", "me/x", "--base-model", "b/m", "--staging-dir", str(staging)],
+        f"--staging-dir {staging}: not empty, and not a folder realign push made; everything in it would be "
+        "uploaded, so use an empty or new folder",
+    )
+
+
+def test_a_dry_runs_staging_folder_is_built_again_and_its_marker_never_uploaded(unet_folder, tmp_path, capsys):
+    staging = tmp_path / "staging"
+    argv = ["push", str(unet_folder), "--repo-id", "me/x", "--base-model", "b/m", "--unet-only"]
+    main([*argv, "--staging-dir", str(staging), "--dry-run"])
+    (staging / "unet" / "stale.safetensors").write_bytes(b"from an older build")
+    main([*argv, "--staging-dir", str(staging), "--dry-run", "--license", "apache-2.0"])
+    assert "license: apache-2.0" in (staging / "README.md").read_text()
+    assert not (staging / "unet" / "stale.safetensors").exists()
+    uploaded = {operation.path_in_repo for operation in commit_operations(staging)}
+    assert uploaded == {"README.md", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
+    assert (staging / STAGING_MARKER).is_file()
+
+
+def test_the_model_card_shows_no_local_absolute_path(tmp_path):
+    summary = {
+        "config": {
+            "pretrained_model": "/home/me/models/sd15",
+            "prompts": "/home/me/data/prompts.txt",
+            "pretrain_data": "/home/me/data/laion-pairs",
+            "rewards": [{"name": "/home/me/code/my_reward.py:Score", "weight": 1.0}],
+            "method": "refl",
+        }
+    }
+    card = str(build_model_card(summary, "me/x", "/home/me/models/sd15", unet_only=True))
+    assert "/home/me" not in card
+    assert "`prompts.txt`" in card and "my_reward.py:Score" in card and '"laion-pairs"' in card
+    assert "base_model" not in card.split("---")[1]  # the metadata names Hub ids only
+    hub_card = str(build_model_card({"config": {"prompts": "color.txt"}}, "me/x", "org/sd15", unet_only=True))
+    assert "base_model: org/sd15" in hub_card
+
+
+PUSH_MAIN = """
+import sys
+from realign_pipeline.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_push_offline_or_failing_is_one_line_and_leaves_no_empty_repository(unet_folder, tmp_path, fake_hub):
+    argv = ["push", str(unet_folder), "--repo-id", "me/new", "--base-model", "b/m", "--unet-only"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_test", "HF_HOME": str(tmp_path / "hf_home")}
+    done = subprocess.run(
+        [sys.executable, "-c", PUSH_MAIN, *argv], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("realign push: error: --repo-id me/new: cannot reach the Hub: ")
+    assert "offline mode is enabled" in done.stderr and len(done.stderr.splitlines()) == 1
+
+    FakeHub.fail_commits = True
+    env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT=fake_hub.endpoint)
+    done = subprocess.run(
+        [sys.executable, "-c", PUSH_MAIN, *argv], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("realign push: error: --repo-id me/new: the upload failed: ")
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert "me/new" not in FakeHub.repos and FakeHub.deleted == ["me/new"]  # created, then deleted again
+
+    FakeHub.repos["me/old"] = {"name": "old"}  # a repository that was there before is never deleted
+    argv[3] = "me/old"
+    done = subprocess.run(
+        [sys.executable, "-c", PUSH_MAIN, *argv], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and "me/old" in FakeHub.repos and FakeHub.deleted == ["me/new"]

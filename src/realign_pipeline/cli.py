@@ -1,35 +1,110 @@
 """The ``realign`` command: ``generate``, ``demo``, ``eval`` (the judged ablation table on the shapes world),
-and ``train``, ``push`` where installed."""
+``train``, ``push`` and ``world train`` / ``world finetune``.
+
+Each command is an ``add_<name>_parser(subparsers)`` that sets ``run`` to the function doing the work. Heavy
+modules (torch, diffusers, transformers) are imported inside those functions, so ``realign --help`` is quick.
+A user's mistake raises ``UsageError`` (``realign_pipeline.errors``), found before any model loads where no
+model is needed to find it; ``main`` prints it as one line and exits with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import PIL.Image
-import torch
-
+from .errors import UsageError
 from .llm.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
-from .preprocessors import CAPTIONER_NAMES, GROUNDER_NAMES, load_captioner, load_grounder
-from .shapes.data import EVAL_PROMPTS_PER_CATEGORY
-from .shapes.evaluate import CONFIGURATION_NAMES, FINETUNED_UNETS, SPLITS
+from .preprocessors import CAPTIONER_NAMES, GROUNDER_NAMES
+from .shapes.command import WORLD, add_world_parser
+from .shapes.data import EVAL_PROMPTS_PER_CATEGORY, PROMPT_SPLITS
 from .training.command import add_push_parser, add_train_parser
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# A Hub repository id: "name" or "owner/name" (letters, digits, "-", "_", "."); anything else is a local path.
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def read_prompts(prompt: Sequence[str] | None, prompts_file: str | None) -> list[str]:
     """Prompts from ``--prompt`` (repeatable) and/or a text file with one prompt per line."""
     prompts = list(prompt or [])
     if prompts_file:
-        prompts += [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise UsageError(f"--prompts-file {prompts_file}: no such file (a text file with one prompt per line)")
+        from_file = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not from_file:
+            raise UsageError(f"--prompts-file {prompts_file}: the file holds no prompts (one prompt per line)")
+        prompts += from_file
     if not prompts:
-        raise SystemExit("error: give at least one --prompt or a --prompts-file")
+        raise UsageError("give at least one --prompt or a --prompts-file")
     return prompts
+
+
+def check_model_source(flag: str, value: str, needs: Sequence[str]) -> None:
+    """``value`` is a local folder holding one of ``needs`` (relative paths) or could be a Hub repo id."""
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{flag} {value}: a file, not a diffusers folder or a Hub repo id")
+        if not any((path / need).is_file() for need in needs):
+            raise UsageError(f"{flag} {value}: the folder has no {' or '.join(needs)} (not a diffusers folder)")
+    elif not HUB_REPO_ID.fullmatch(value):
+        raise UsageError(f"{flag} {value}: no such folder (and not a Hub repo id such as owner/name)")
+
+
+def check_output_folder(flag: str, value: str | Path) -> None:
+    """``value`` may become a folder: it is one already, or does not exist yet."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {value}: a file is in the way; name a folder (it is created if missing)")
+
+
+def resolve_device(value: str | None) -> str:
+    """``--device``: a torch device this machine has; ``None`` picks CUDA when it is there, else the CPU."""
+    import torch
+
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise UsageError(f"--device {value}: not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {value}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {value}: MPS is not available on this machine; use --device cpu")
+    return value
+
+
+def resolve_dtype(value: str | None, device: str) -> torch.dtype:
+    """``--dtype`` by name; ``None``: float16 on CUDA, else float32."""
+    import torch
+
+    return getattr(torch, value or ("float16" if device.startswith("cuda") else "float32"))
+
+
+def load_or_usage_error(flag: str, value: str, load: Callable[[], Any]) -> Any:
+    """``load()``, with a model that cannot be found (an ``OSError`` from ``from_pretrained``) as a ``UsageError``."""
+    try:
+        return load()
+    except OSError as error:
+        from huggingface_hub import constants
+
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if constants.HF_HUB_OFFLINE and not Path(value).exists():
+            reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
+        raise UsageError(f"{flag} {value}: cannot load it ({reason})") from None
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -43,12 +118,14 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     parser.add_argument("--output", default="outputs/generate", help="folder for images, masks and layouts")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps per pass (default 50)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--steps", type=positive_int, default=50, help="denoising steps per pass (default 50)")
+    parser.add_argument("--guidance-scale", type=non_negative_float, default=7.5, help="(default 7.5)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--coarse-stop-fraction", type=float, default=0.3)
+    parser.add_argument("--height", type=multiple_of_8, default=None, help="pixels (default: the model's)")
+    parser.add_argument("--width", type=multiple_of_8, default=None, help="pixels (default: the model's)")
+    parser.add_argument(
+        "--coarse-stop-fraction", type=fraction, default=0.3, help="where the coarse pass stops, in (0, 1]"
+    )
     parser.add_argument("--no-realign", action="store_true", help="plain Stable Diffusion, for comparison")
     parser.add_argument("--captioner", choices=CAPTIONER_NAMES, default="rule", help="dense captioner (default rule)")
     parser.add_argument("--image-captioner", default=None, help="BLIP/BLIP-2 checkpoint shown to the LLM captioner")
@@ -71,8 +148,8 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--detector", default="IDEA-Research/grounding-dino-tiny", help="Grounding DINO checkpoint")
     parser.add_argument("--segmenter", default="facebook/sam-vit-base", help="SAM checkpoint (transformers)")
-    parser.add_argument("--box-threshold", type=float, default=0.3)
-    parser.add_argument("--text-threshold", type=float, default=0.25)
+    parser.add_argument("--box-threshold", type=unit_interval, default=0.3, help="in [0, 1] (default 0.3)")
+    parser.add_argument("--text-threshold", type=unit_interval, default=0.25, help="in [0, 1] (default 0.25)")
     parser.add_argument("--sam-checkpoint", default=None, help="segment-anything .pth file")
     parser.add_argument(
         "--sam-model-type",
@@ -82,15 +159,15 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--groundingdino-config", default=None, help="groundingdino-py config file")
     parser.add_argument("--groundingdino-checkpoint", default=None, help="groundingdino-py checkpoint file")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="float16" if torch.cuda.is_available() else "float32"
-    )
-    parser.set_defaults(run=run_generate)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="(default: float16 on CUDA, else float32)")
+    parser.set_defaults(run=run_generate, usage_prog=parser.prog)
 
 
-def write_outputs(output, prompts: list[str], folder: Path, notes: list[list[str]] | None = None) -> Path:
+def write_outputs(output: Any, prompts: list[str], folder: Path, notes: list[list[str]] | None = None) -> Path:
     """Write final and coarse images, one PNG per mask, ``layouts.json`` and ``panel.png``."""
+    import PIL.Image
+
     from .visualize import save_layout_panels
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -125,13 +202,50 @@ def write_outputs(output, prompts: list[str], folder: Path, notes: list[list[str
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from .pipeline_realign_diff import RealignDiffPipeline
+    # Every check that needs no model first: a mistake costs nothing and leaves nothing behind.
+    from .preprocessors import check_captioner_arguments, check_grounder_arguments
 
     prompts = read_prompts(args.prompt, args.prompts_file)
-    dtype = DTYPES[args.dtype]
+    check_model_source("--model", args.model, ["model_index.json"])
+    unet_subfolder = "unet"
+    if args.realign_unet is not None:
+        check_model_source("--realign-unet", args.realign_unet, ["unet/config.json", "config.json"])
+        if (Path(args.realign_unet) / "config.json").is_file():
+            unet_subfolder = None  # the folder is the UNet itself
+    check_output_folder("--output", args.output)
+    for flag, check in (
+        (
+            "--captioner",
+            lambda: check_captioner_arguments(
+                args.captioner, timeout=args.llm_timeout, max_retries=args.llm_max_retries
+            ),
+        ),
+        (
+            "--grounder",
+            lambda: check_grounder_arguments(
+                args.grounder,
+                sam_checkpoint=args.sam_checkpoint,
+                groundingdino_config=args.groundingdino_config,
+                groundingdino_checkpoint=args.groundingdino_checkpoint,
+            ),
+        ),
+    ):
+        try:
+            check()
+        except UsageError as error:
+            raise UsageError(f"{flag} {getattr(args, flag[2:])}: {error}") from None
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .pipeline_realign_diff import RealignDiffPipeline
+    from .preprocessors import load_captioner, load_grounder
+
     captioner = load_captioner(
         args.captioner,
-        device=args.device,
+        device=device,
         dtype=dtype,
         image_captioner=args.image_captioner,
         model=args.llm_model,
@@ -141,7 +255,7 @@ def run_generate(args: argparse.Namespace) -> None:
     )
     grounder = load_grounder(
         args.grounder,
-        device=args.device,
+        device=device,
         dtype=dtype,
         detector=args.detector,
         segmenter=args.segmenter,
@@ -152,17 +266,30 @@ def run_generate(args: argparse.Namespace) -> None:
         groundingdino_config=args.groundingdino_config,
         groundingdino_checkpoint=args.groundingdino_checkpoint,
     )
-    pipe = RealignDiffPipeline.from_pretrained(
-        args.model, realign_unet=args.realign_unet, dtype=dtype, captioner=captioner, grounder=grounder
+    components = {}
+    if args.realign_unet is not None:
+        components["unet"] = load_or_usage_error(
+            "--realign-unet",
+            args.realign_unet,
+            lambda: UNet2DConditionModel.from_pretrained(
+                args.realign_unet, subfolder=unet_subfolder, use_safetensors=True, dtype=dtype
+            ),
+        )
+    pipe = load_or_usage_error(
+        "--model",
+        args.model,
+        lambda: RealignDiffPipeline.from_pretrained(
+            args.model, dtype=dtype, captioner=captioner, grounder=grounder, **components
+        ),
     )
-    pipe.to(args.device)
+    pipe.to(device)
     output = pipe(
         prompts,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         height=args.height,
         width=args.width,
-        generator=torch.Generator(args.device).manual_seed(args.seed),
+        generator=torch.Generator(device).manual_seed(args.seed),
         realign=not args.no_realign,
         coarse_stop_fraction=args.coarse_stop_fraction,
     )
@@ -177,14 +304,14 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Run both passes on a few prompts with the built-in default model (no download) and write "
         "the coarse images, the masks and the final images to --output.",
     )
-    parser.add_argument("--output", default="outputs/demo")
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--output", default="outputs/demo", help="folder for the images (default outputs/demo)")
+    parser.add_argument("--steps", type=positive_int, default=25, help="denoising steps per pass (default 25)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(run=run_demo)
+    parser.set_defaults(run=run_demo, usage_prog=parser.prog)
 
 
 # The built-in default model: a small Stable Diffusion trained by this project on coloured shapes.
-BUILTIN_WORLD = Path(__file__).parent / "shapes" / "world"
+BUILTIN_WORLD = WORLD
 # The demo's UNet: the world's ReFL fine-tuned UNet (``python -m realign_pipeline.shapes.finetune``).
 DEMO_UNET = "unet-refl"
 TOY_DEMO_PROMPTS = ["a red book and a yellow vase", "a green cat on the left of a blue car"]
@@ -199,6 +326,11 @@ def demo_prompts() -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    check_output_folder("--output", args.output)
+    import tempfile
+
+    import torch
+
     from .pipeline_realign_diff import RealignDiffPipeline
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -276,6 +408,14 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
+def multiple_of_8(text: str) -> int:
+    """argparse type: a positive multiple of 8 (image sides: the VAE halves them three times)."""
+    value = _int_at_least(text, 8, "a positive multiple of 8")
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8, got {value} (try {value // 8 * 8 or 8})")
+    return value
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     value = non_negative_float(text)
@@ -303,6 +443,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
+    return value
+
+
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
@@ -319,17 +467,22 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--configurations",
         nargs="+",
-        choices=CONFIGURATION_NAMES,
-        default=list(CONFIGURATION_NAMES),
+        default=None,
         metavar="NAME",
-        help=f"rows of the table, in order (default: all of {', '.join(CONFIGURATION_NAMES)})",
+        help="rows of the table, in order (default: all; an unknown name lists them)",
     )
-    parser.add_argument("--split", choices=SPLITS, default="held_out", help="prompt split (default held_out)")
+    parser.add_argument("--split", choices=PROMPT_SPLITS, default="held_out", help="prompt split (default held_out)")
     parser.add_argument(
         "--prompts-per-category",
         type=positive_int,
         default=EVAL_PROMPTS_PER_CATEGORY,
         help=f"prompts per category (default {EVAL_PROMPTS_PER_CATEGORY}; a category may hold fewer)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=4,  # shapes.evaluate.DEFAULT_SEEDS (not imported here: it would load torch for --help)
+        help="images per prompt, each from its own noise, the same in every row (default 4)",
     )
     parser.add_argument("--steps", type=positive_int, default=25, help="denoising steps per pass (default 25)")
     parser.add_argument("--guidance-scale", type=non_negative_float, default=4.0, help="(default 4.0)")
@@ -337,9 +490,10 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         "--seed",
         type=int,
         default=0,
-        help="each prompt's noise comes from (seed, category, prompt index), the same in every row (default 0)",
+        help="each image's noise comes from (seed, category, prompt index, seed index), the same in every row "
+        "(default 0)",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts per pipeline call (default 16)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per pipeline call (default 16)")
     parser.add_argument(
         "--coarse-stop-fraction",
         type=fraction,
@@ -348,45 +502,55 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--full-unet",
-        choices=FINETUNED_UNETS,
         default="unet-refl",
         help="the fine-tuned UNet subfolder of the 'full' configuration (default unet-refl)",
     )
     parser.add_argument("--output", type=Path, default=Path("outputs/eval"), help="folder for results.json, PNGs")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.set_defaults(run=run_eval)
+    parser.set_defaults(run=run_eval, usage_prog=parser.prog)
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    import torch
+
     from .shapes.evaluate import (
+        CONFIGURATION_NAMES,
+        FINETUNED_UNETS,
         EvalSettings,
         check_world,
         format_criteria_table,
+        format_pairs_table,
         format_table,
+        paired_comparisons,
         run_evaluation,
         select_configurations,
         write_report,
     )
 
     # Every check before any model loads: a bad argument costs nothing.
+    if args.full_unet not in FINETUNED_UNETS:
+        raise UsageError(f"--full-unet {args.full_unet}: must be one of {', '.join(FINETUNED_UNETS)}")
     try:
-        configurations = select_configurations(args.configurations, full_unet=args.full_unet)
+        configurations = select_configurations(args.configurations or CONFIGURATION_NAMES, full_unet=args.full_unet)
     except ValueError as error:
-        raise SystemExit(f"error: --configurations: {error}") from None
+        raise UsageError(f"--configurations: {error}") from None
     try:
         check_world(args.world, configurations)
     except FileNotFoundError as error:
-        raise SystemExit(f"error: --world: {error}") from None
+        raise UsageError(f"--world: {error}") from None
+    check_output_folder("--output", args.output)
+    device = resolve_device(args.device)
     settings = EvalSettings(
         split=args.split,
         prompts_per_category=args.prompts_per_category,
+        seeds=args.seeds,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         seed=args.seed,
         batch_size=args.batch_size,
         coarse_stop_fraction=args.coarse_stop_fraction,
-        device=args.device,
+        device=device,
     )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -396,10 +560,18 @@ def run_eval(args: argparse.Namespace) -> None:
     print(format_table(results))
     print(
         f"\naccuracy in % (every check passed), 95% Wilson interval in brackets; s/image is generation wall time "
-        f"only ({settings.split} prompts, {settings.num_inference_steps} steps, guidance {settings.guidance_scale})\n"
+        f"only ({settings.split} prompts, {settings.seeds} seed(s) each, {settings.num_inference_steps} steps, "
+        f"guidance {settings.guidance_scale})\n"
     )
     print(format_criteria_table(results))
     print("\neach category's own check alone, in % with its 95% Wilson interval\n")
+    comparisons = paired_comparisons(results)
+    if comparisons:
+        print(format_pairs_table(comparisons))
+        print(
+            "\ndifference in strict pass rate (points), first row minus second over the same images; 95% paired "
+            "interval over prompts (per-prompt mean over seeds, then Student t)\n"
+        )
     print(f"wrote {paths['json']}, {paths['table']} and contact sheets {args.output}/contact-sheet-*.png")
 
 
@@ -411,12 +583,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(subparsers)
     add_train_parser(subparsers)
     add_push_parser(subparsers)
+    add_world_parser(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Parse ``argv`` and run the command; a ``UsageError`` ends as one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except UsageError as error:
+        print(f"{getattr(args, 'usage_prog', 'realign')}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -14,20 +14,32 @@ Either way with a model card (``README.md``) written from the run's ``training_s
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from diffusers import UNet2DConditionModel
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData
-from safetensors.torch import save_file
+
+from .errors import UsageError
+
+if TYPE_CHECKING:  # torch and diffusers load where weights are handled, so `realign push --unet-only` is quick
+    import torch
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "training_summary.json"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 REPO_TAGS = ["diffusers", "text-to-image", "realign-diff", "stable-diffusion"]
+# Written into every folder build_upload_folder makes (never uploaded): a later build may replace such a folder,
+# so a dry run's --staging-dir can be pushed with the same command line.
+STAGING_MARKER = ".realign-staging"
+
+
+class HubError(RuntimeError):
+    """The Hub could not be reached, or refused a request (authentication, permissions, a bad repo id)."""
 
 
 # -- saving --------------------------------------------------------------------------------------
@@ -77,6 +89,8 @@ def save_unet(
     under ZeRO-3 or FSDP the module itself holds only this process's shards. Not with a LoRA UNet,
     whose merge reads the adapter from the module.
     """
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     if state_dict is not None and has_lora(unet):
         raise ValueError("save_unet: state_dict cannot be combined with a LoRA UNet (the merge reads the module).")
@@ -117,6 +131,45 @@ def save_lora_adapter(unet: torch.nn.Module, folder: str | Path) -> Path:
 
 
 # -- the folder to upload --------------------------------------------------------------------------
+
+
+def is_staging_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` was written by ``build_upload_folder`` (it holds the staging marker)."""
+    return (Path(folder) / STAGING_MARKER).is_file()
+
+
+def check_push_inputs(trained: str | Path, base_model: str | None, staging_dir: str | Path | None) -> None:
+    """What ``build_upload_folder`` will need, checked before anything is written or uploaded:
+    ``UsageError`` naming the argument."""
+    trained = Path(trained)
+    if not trained.is_dir():
+        raise UsageError(f"trained: no such folder {str(trained)!r} (a training output folder or a UNet folder)")
+    try:
+        unet_folder_of(trained)
+    except FileNotFoundError:
+        raise UsageError(
+            f"trained: {str(trained)!r} holds no diffusers UNet (config.json + safetensors, in it or in unet/)"
+        ) from None
+    if base_model is None and not read_summary(trained).get("config", {}).get("pretrained_model"):
+        raise UsageError(
+            f"--base-model is needed: {str(trained)!r} has no training_summary.json naming the base pipeline"
+        )
+    if staging_dir is not None:
+        staging = Path(staging_dir)
+        if staging.exists() and not staging.is_dir():
+            raise UsageError(f"--staging-dir {staging}: a file is in the way; name a folder")
+        if staging.is_dir() and any(staging.iterdir()) and not is_staging_folder(staging):
+            raise UsageError(
+                f"--staging-dir {staging}: not empty, and not a folder realign push made; everything in it would "
+                "be uploaded, so use an empty or new folder"
+            )
+
+
+def public_name(value: Any) -> Any:
+    """An absolute local path as its last part (a model card must not show the trainer's file system)."""
+    if isinstance(value, str) and value and Path(value).is_absolute():
+        return Path(value).name
+    return value
 
 
 def read_summary(trained: str | Path) -> dict[str, Any]:
@@ -183,10 +236,12 @@ def build_model_card(
 ) -> ModelCard:
     """The model card: metadata (base model, license, tags) and a body with usage, rewards and
     their weights, hyperparameters, prompt set, before/after samples and evaluation tables."""
-    config = summary.get("config", {})
+    config = {key: public_name(value) for key, value in summary.get("config", {}).items()}
     method = config.get("method", summary.get("method", "refl"))
+    local_base = Path(base_model).is_absolute()
+    base_model = public_name(base_model)
     card_data = ModelCardData(
-        base_model=base_model,
+        base_model=None if local_base else base_model,  # metadata names Hub ids only
         license=license,
         library_name="diffusers",
         pipeline_tag="text-to-image",
@@ -217,7 +272,8 @@ def build_model_card(
         )
     rewards = config.get("rewards", [])
     reward_rows = [
-        {"reward": spec.get("label", spec.get("name")), "weight": float(spec.get("weight", 1.0))} for spec in rewards
+        {"reward": public_name(spec.get("label", spec.get("name"))), "weight": float(spec.get("weight", 1.0))}
+        for spec in rewards
     ]
     hyper_rows = [{"setting": key, "value": json.dumps(config[key])} for key in HYPERPARAMETERS if key in config]
     sections = [
@@ -271,19 +327,24 @@ def build_upload_folder(
     or a bare UNet folder (then ``base_model`` is required). ``revision`` is the base model's.
     """
     trained, folder = Path(trained), Path(folder)
+    unet_source = unet_folder_of(trained)  # first: a missing folder is reported as such
     summary = read_summary(trained)
     if base_model is None:
         base_model = summary.get("config", {}).get("pretrained_model")
         revision = revision or summary.get("config", {}).get("revision")
     if not base_model:
         raise ValueError("No base model: pass base_model (it is not in a training_summary.json here).")
-    unet_source = unet_folder_of(trained)
     if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"{folder} is not empty; everything in it would be uploaded. Use an empty folder.")
+        if not is_staging_folder(folder):
+            raise FileExistsError(f"{folder} is not empty; everything in it would be uploaded. Use an empty folder.")
+        shutil.rmtree(folder)  # an earlier build (a dry run): built again, so it matches these arguments
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / STAGING_MARKER).write_text("written by realign push; never uploaded\n")
     if unet_only:
         shutil.copytree(unet_source, folder / "unet", dirs_exist_ok=True)
     else:
+        from diffusers import UNet2DConditionModel
+
         from .pipeline_realign_diff import RealignDiffPipeline
 
         unet = UNet2DConditionModel.from_pretrained(unet_source, use_safetensors=True)
@@ -304,12 +365,12 @@ def build_upload_folder(
 
 
 def commit_operations(folder: str | Path) -> list[CommitOperationAdd]:
-    """One addition per file under ``folder``, at its relative path."""
+    """One addition per file under ``folder``, at its relative path (the staging marker left out)."""
     folder = Path(folder)
     return [
         CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
         for path in sorted(folder.rglob("*"))
-        if path.is_file()
+        if path.is_file() and path.relative_to(folder).as_posix() != STAGING_MARKER
     ]
 
 
@@ -326,21 +387,42 @@ def push_folder(
     """Create the repo if needed and upload everything under ``folder`` in one commit.
 
     ``revision`` is the branch to commit to (created if missing; with ``create_pr`` the PR's base).
-    ``api`` lets a caller point at another endpoint (a local server in tests).
+    ``api`` lets a caller point at another endpoint (a local server in tests). A repository this call
+    created is deleted again when the commit fails, so a failed upload leaves no empty repository.
+    Network and Hub errors are raised as one ``HubError``.
     """
     api = api or HfApi(token=token)
-    api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
-    if revision is not None and revision != "main" and not create_pr:
-        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True, repo_type="model")
-    return api.create_commit(
-        repo_id=repo_id,
-        operations=commit_operations(folder),
-        commit_message=commit_message,
-        revision=revision,
-        create_pr=create_pr,
-        token=token,
-        repo_type="model",
-    )
+    operations = commit_operations(folder)
+    try:
+        existed = api.repo_exists(repo_id, token=token, repo_type="model")
+    except OSError as error:  # offline, unreachable, unauthorised: nothing was created
+        raise HubError(f"cannot reach the Hub: {_first_line(error)}") from error
+    try:
+        api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
+        if revision is not None and revision != "main" and not create_pr:
+            api.create_branch(repo_id, branch=revision, token=token, exist_ok=True, repo_type="model")
+        return api.create_commit(
+            repo_id=repo_id,
+            operations=operations,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+            token=token,
+            repo_type="model",
+        )
+    except OSError as error:
+        left = ""
+        if not existed:
+            try:
+                api.delete_repo(repo_id, token=token, repo_type="model", missing_ok=True)
+            except OSError:
+                left = f" (and the new, empty repository {repo_id} could not be deleted: delete it on the Hub)"
+        raise HubError(f"the upload failed: {_first_line(error)}{left}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def push_pipeline(

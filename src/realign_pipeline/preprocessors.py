@@ -10,16 +10,66 @@ GPU device explicitly when the pipeline offloads.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from .errors import UsageError
+from .llm.client import API_KEY_ENV_VAR, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, check_timeout_and_retries
 
-from .llm.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, check_timeout_and_retries
-from .pipeline_realign_diff import DenseCaptioner, Grounder, PromptPhraseCaptioner
+if TYPE_CHECKING:  # torch and the pipeline load with the first model, not with this module (``realign --help``)
+    import torch
+
+    from .pipeline_realign_diff import DenseCaptioner, Grounder
 
 CAPTIONER_NAMES = ("rule", "openai")
 GROUNDER_NAMES = ("attention", "grounding-sam", "segment-anything", "groundingdino-py")
+
+
+def check_captioner_arguments(
+    name: str, *, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES
+) -> None:
+    """What ``load_captioner`` needs, checked without loading anything; ``UsageError`` names the argument."""
+    if name not in CAPTIONER_NAMES:
+        raise UsageError(f"`captioner` must be one of {CAPTIONER_NAMES}, got {name!r}.")
+    if name != "openai":
+        return
+    check_timeout_and_retries(timeout, max_retries)
+    if importlib.util.find_spec("openai") is None:
+        raise UsageError('the openai captioner needs the `openai` package: pip install "realign-pipeline[llm]"')
+    if not (api_key or os.environ.get(API_KEY_ENV_VAR)):
+        raise UsageError(
+            f"the openai captioner needs an API key: set ${API_KEY_ENV_VAR} "
+            "(for a server without authentication, any non-empty string)"
+        )
+
+
+def check_grounder_arguments(
+    name: str,
+    *,
+    sam_checkpoint: str | os.PathLike | None = None,
+    groundingdino_config: str | os.PathLike | None = None,
+    groundingdino_checkpoint: str | os.PathLike | None = None,
+) -> None:
+    """What ``load_grounder`` needs, checked without loading anything; ``UsageError`` names the argument."""
+    if name not in GROUNDER_NAMES:
+        raise UsageError(f"`grounder` must be one of {GROUNDER_NAMES}, got {name!r}.")
+    if name in ("attention", "grounding-sam"):
+        return
+    if name == "segment-anything" and sam_checkpoint is None:
+        raise UsageError("`sam_checkpoint` is required for the 'segment-anything' grounder (a SAM .pth file).")
+    if name == "groundingdino-py" and (groundingdino_config is None or groundingdino_checkpoint is None):
+        raise UsageError(
+            "the 'groundingdino-py' grounder needs `groundingdino_config` and `groundingdino_checkpoint`."
+        )
+    for argument, path in (
+        ("sam_checkpoint", sam_checkpoint),
+        ("groundingdino_config", groundingdino_config),
+        ("groundingdino_checkpoint", groundingdino_checkpoint),
+    ):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"`{argument}` must be an existing file, got {str(path)!r}.")
 
 
 def load_captioner(
@@ -48,14 +98,16 @@ def load_captioner(
         max_retries: retries of a request that timed out or failed transiently (HTTP 408/409/429/5xx), >= 0.
             When the last one fails, the captioner warns and uses the rule-based captions.
     """
+    # Checked before any model loads: a bad value costs nothing.
+    check_captioner_arguments(name, api_key=api_key, timeout=timeout, max_retries=max_retries)
     if name == "rule":
+        from .pipeline_realign_diff import PromptPhraseCaptioner
+
         return PromptPhraseCaptioner()
     if name == "openai":
         from .captioners import BlipImageCaptioner, LLMDenseCaptioner
         from .llm import JsonChatClient
 
-        # Checked before any model loads: a bad value costs nothing.
-        check_timeout_and_retries(timeout, max_retries)
         client = JsonChatClient(
             model=model,
             base_url=base_url,
@@ -68,7 +120,7 @@ def load_captioner(
         if image_captioner is not None:
             describer = BlipImageCaptioner.from_pretrained(image_captioner, device=device, dtype=dtype)
         return LLMDenseCaptioner(client, image_captioner=describer)
-    raise ValueError(f"`captioner` must be one of {CAPTIONER_NAMES}, got {name!r}.")
+    raise AssertionError("unreachable: check_captioner_arguments knows every name")
 
 
 def load_grounder(
@@ -100,6 +152,14 @@ def load_grounder(
         sam_checkpoint, sam_model_type: an original segment-anything checkpoint and its model (``"vit_b"``,
             ``"vit_l"``, ``"vit_h"``), which is read from the checkpoint when not given.
     """
+    check_grounder_arguments(
+        name,
+        sam_checkpoint=sam_checkpoint,
+        groundingdino_config=groundingdino_config,
+        groundingdino_checkpoint=groundingdino_checkpoint,
+    )
+    if name == "attention":
+        return None
     from .grounding import (
         GroundedSamGrounder,
         GroundingDinoBoxDetector,
@@ -107,28 +167,11 @@ def load_grounder(
         SamBoxSegmenter,
         SegmentAnythingBoxSegmenter,
     )
-    from .grounding.segment_anything_backend import SEGMENT_ANYTHING_MODEL_TYPES
 
-    if name not in GROUNDER_NAMES:
-        raise ValueError(f"`grounder` must be one of {GROUNDER_NAMES}, got {name!r}.")
-    if name == "attention":
-        return None
     if name == "grounding-sam":
         return GroundedSamGrounder.from_pretrained(
             detector, segmenter, device=device, dtype=dtype, box_threshold=box_threshold, text_threshold=text_threshold
         )
-    if sam_model_type is not None and sam_model_type not in SEGMENT_ANYTHING_MODEL_TYPES:
-        raise ValueError(f"`sam_model_type` must be one of {SEGMENT_ANYTHING_MODEL_TYPES}, got {sam_model_type!r}.")
-    if name == "segment-anything" and sam_checkpoint is None:
-        raise ValueError("`sam_checkpoint` is required for the 'segment-anything' grounder (a SAM .pth file).")
-    if name == "groundingdino-py" and (groundingdino_config is None or groundingdino_checkpoint is None):
-        raise ValueError(
-            "the 'groundingdino-py' grounder needs `groundingdino_config` and `groundingdino_checkpoint`."
-        )
-    for argument, path in (("sam_checkpoint", sam_checkpoint), ("groundingdino_checkpoint", groundingdino_checkpoint)):
-        if path is not None and not Path(path).is_file():
-            raise ValueError(f"`{argument}` must be an existing file, got {str(path)!r}.")
-
     if name == "segment-anything":
         boxes = GroundingDinoBoxDetector.from_pretrained(
             detector, device=device, dtype=dtype, box_threshold=box_threshold, text_threshold=text_threshold

@@ -142,9 +142,17 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_weights(world, tmp_path):
     "argv, message",
     [
         (["--method", "dpo"], "invalid choice: 'dpo'"),
-        (["--method", "refl", "--set", "learning_rat=1e-4"], "Unknown TrainConfig keys in --set: ['learning_rat']"),
-        (["--method", "refl", "--set", "refl_step_range=[20, 30]"], "refl_step_range [20, 30] must satisfy"),
-        (["--method", "refl", "--world", "no-such-world"], "is not a diffusers pipeline folder"),
+        (
+            ["--method", "refl", "--set", "learning_rat=1e-4"],
+            "--set: unknown option 'learning_rat' (did you mean 'learning_rate'?)",
+        ),
+        (
+            ["--method", "refl", "--set", "refl_step_range=[20, 30]"],
+            "--set: refl_step_range must be [start, end] with 0 <= start < end <= num_inference_steps (25), "
+            "got [20, 30]",
+        ),
+        (["--method", "refl", "--set", "learning_rate=0"], "--set: learning_rate must be a number > 0, got 0"),
+        (["--method", "refl", "--world", "no-such-world"], "--world no-such-world: not a diffusers pipeline folder"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(argv, message, tmp_path, capsys):

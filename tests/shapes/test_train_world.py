@@ -134,10 +134,33 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     assert tw.load_checkpoint(path)["step"] == 1
 
 
-def test_command_line_flags_fill_the_config():
-    config = tw.parse_args(["--output", "somewhere", "--seed", "3", "--unet-steps", "5", "--unet-channels", "8", "16"])
+def test_command_line_options_fill_the_config(tmp_path):
+    (tmp_path / "world.yaml").write_text("seed: 3\nunet_steps: 7\nunet_lr: 2e-4\n")
+    argv = ["--output", "somewhere", "--config", str(tmp_path / "world.yaml"), "--set", "unet_steps=5"]
+    config = tw.parse_args(argv + ["--set", "unet_channels=[8, 16]", "--set", "unet_heads=[1, 2]"])
     assert config.output_dir == "somewhere" and config.seed == 3 and config.unet_steps == 5
+    assert config.unet_lr == 2e-4  # YAML 1.1 reads 2e-4 as text; a float option takes it as the number
     assert config.unet_channels == (8, 16) and config.work == tw.Path("somewhere-work")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("unet_steps=-1", "--set: unet_steps must be an integer >= 0, got -1"),
+        ("unet_lr=0", "--set: unet_lr must be a number > 0, got 0"),
+        ("unet_channels=[8, 16]", "--set: unet_heads must have one entry per unet_channels entry (2), got [2, 4, 8]"),
+        ("captioner_split=test", "--set: captioner_split must be one of 'train', 'all', 'held_out', got 'test'"),
+        ("unet_step=3", "--set: unknown option 'unet_step' (did you mean 'unet_steps'?)"),
+    ],
+)
+def test_bad_world_options_are_one_line_errors_before_any_work(setting, message, tmp_path, capsys):
+    from realign_pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["world", "train", "--output", str(tmp_path / "world"), "--set", setting])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"realign world train: error: {message}\n"
+    assert not (tmp_path / "world").exists() and not (tmp_path / "world-work").exists()
 
 
 def evaluation_set() -> set[str]:

@@ -1,8 +1,10 @@
 """Fine-tune the shapes world's UNet with the package's caption-reward trainers (the ablation's
 ``refl`` and ``ranked`` rows).
 
-    python -m realign_pipeline.shapes.finetune --method refl
-    python -m realign_pipeline.shapes.finetune --method reward_ranked
+    realign world finetune --method refl
+    realign world finetune --method reward_ranked
+
+(``python -m realign_pipeline.shapes.finetune`` takes the same arguments.)
 
 One command per row, resumable: run it again after a kill and it continues from the newest
 checkpoint in the work folder. It reads top to bottom:
@@ -12,7 +14,7 @@ checkpoint in the work folder. It reads top to bottom:
 2. for ReFL, the denoising regulariser's (image, caption) pairs: rendered training-split scenes
    (no held-out pairing drawn), as ReFL regularises with LAION pairs;
 3. a ``TrainConfig`` for the world (``DEFAULTS``, the one place the per-method settings live,
-   then ``--set key=value`` overrides);
+   then ``--config FILE`` and ``--set key=value``, read by ``options.read_options``);
 4. ``train(config)``, the same code path as ``realign train``;
 5. the trained UNet exported in float16 safetensors as ``<world>/unet-refl/`` or
    ``<world>/unet-ranked/`` with a ``README.md`` saying how it was made, loadable with
@@ -24,11 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,23 +37,23 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
+from ..errors import UsageError
 from ..hub import save_unet
+from ..options import read_options
 from ..training.checkpoint import latest_checkpoint
-from ..training.config import TrainConfig, parse_override, unknown_keys
+from ..training.config import TrainConfig
 from ..training.data import write_captioned_images
 from ..training.outputs import TrainResult
 from ..training.run import train
+from .command import METHODS, REGULARIZER_IMAGES, WORLD, add_world_finetune_arguments, run_world_finetune
 from .data import CATEGORIES, development_prompts, finetune_prompts, make_sample
 
-WORLD = Path(__file__).resolve().with_name("world")
-METHODS = ("refl", "reward_ranked")
 EXPORT_SUBFOLDERS = {"refl": "unet-refl", "reward_ranked": "unet-ranked"}
 
 # Regulariser scenes: training split only (the UNet never sees a held-out pairing drawn), from a
 # stream other than the world's own training data (seed 0), captioner data (seed 1) and the
 # VAE check (seed 2).
 REGULARIZER_SEED = 100
-REGULARIZER_IMAGES = 2000
 # Validation prompts: this many per category of the development split (``data.development_prompts``), which
 # the training prompts exclude, so the before/after reward is measured on prompts the run did not train on and
 # no evaluation prompt steers a choice (reward-ranked learning picks its round on it); each listed
@@ -123,21 +124,17 @@ def concept_matching_reward(world: str | Path) -> list[dict[str, Any]]:
     return [{"name": "concept_matching", "model": str(Path(world) / "captioner"), "prompt_prefix": "", "weight": 1.0}]
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` (values read as YAML) to a dict; unknown TrainConfig keys are an error."""
-    overrides = dict(parse_override(item) for item in items)
-    unknown = unknown_keys(overrides)
-    if unknown:
-        raise ValueError(f"Unknown TrainConfig keys in --set: {unknown}.")
-    return overrides
-
-
 def build_config(
-    method: str, world: str | Path, work_dir: str | Path, overrides: dict[str, Any] | None = None
+    method: str,
+    world: str | Path,
+    work_dir: str | Path,
+    overrides: Sequence[str] | Mapping[str, Any] | None = None,
+    config_file: str | Path | None = None,
 ) -> TrainConfig:
-    """The ``TrainConfig`` of one row: ``DEFAULTS`` for ``method``, the world's paths, then ``overrides``."""
+    """The ``TrainConfig`` of one row: ``DEFAULTS`` for ``method`` and the world's paths, then the options of
+    ``config_file``, then ``overrides`` (``["key=value", ...]`` or a mapping); ``UsageError`` names the source."""
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, not {method!r}.")
+        raise UsageError(f"method must be one of {METHODS}, not {method!r}.")
     work_dir = Path(work_dir)
     options: dict[str, Any] = {
         **DEFAULTS["shared"],
@@ -151,8 +148,7 @@ def build_config(
     }
     if method == "refl":
         options["pretrain_data"] = str(work_dir / "regularizer")
-    options.update(overrides or {})
-    return TrainConfig(**options)
+    return read_options(TrainConfig, config_file, overrides, base=options)
 
 
 def write_prompt_files(work_dir: str | Path) -> tuple[Path, Path]:
@@ -213,16 +209,17 @@ def finetune(
     method: str,
     world: str | Path = WORLD,
     work_dir: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] | None = None,
     export_to: str | Path | None = None,
     regularizer_images: int = REGULARIZER_IMAGES,
     command: str | None = None,
+    config_file: str | Path | None = None,
 ) -> FinetuneResult:
     """Write the data, train (or resume), export ``<export_to>/unet-<method>/`` with its README."""
     start = time.time()
     world = Path(world)
     work_dir = Path(work_dir) if work_dir is not None else Path("outputs") / "shapes-finetune" / method
-    config = build_config(method, world, work_dir, overrides)  # a bad option fails here, before any work
+    config = build_config(method, world, work_dir, overrides, config_file)  # a bad option fails here, before any work
     write_prompt_files(work_dir)
     if method == "refl" and config.pretrain_loss_weight > 0 and config.pretrain_data == str(work_dir / "regularizer"):
         write_regularizer(config.pretrain_data, regularizer_images)
@@ -277,7 +274,7 @@ pipe = RealignDiffPipeline.from_pretrained(world, realign_unet=world, realign_un
 ## How it was made
 
 ```
-{command or "python -m realign_pipeline.shapes.finetune --method " + config.method}
+{command or "realign world finetune --method " + config.method}
 ```
 
 Optimizer steps: {result.global_step}. Wall time: {seconds / 60:.1f} min{resumed}, {torch.get_num_threads()} threads.
@@ -302,62 +299,28 @@ each listed {VALIDATION_SEEDS} times with its own fixed seed; as the trainer log
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line's parser."""
+    """``python -m realign_pipeline.shapes.finetune``: the arguments of ``realign world finetune``."""
     parser = argparse.ArgumentParser(
         prog="python -m realign_pipeline.shapes.finetune", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--method", required=True, choices=METHODS, help="the trainer: ReFL or reward-ranked")
-    parser.add_argument("--world", default=str(WORLD), help="the shapes-world folder (default: the built-in one)")
-    parser.add_argument(
-        "--work-dir", default=None, help="data, checkpoints (default outputs/shapes-finetune/<method>)"
-    )
-    parser.add_argument(
-        "--export-to", default=None, help="folder that receives unet-refl/ or unet-ranked/ (default: --world)"
-    )
-    parser.add_argument("--num-threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--regularizer-images", type=int, default=REGULARIZER_IMAGES, help="ReFL's regulariser scenes")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a TrainConfig option",
-    )
+    add_world_finetune_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> FinetuneResult:
-    """The command line; every argument is checked before a model loads."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The command line (``realign world finetune`` runs the same); every argument is checked before a model loads."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not (Path(args.world) / "model_index.json").is_file():
-        parser.error(f"--world {args.world} is not a diffusers pipeline folder (no model_index.json).")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        overrides = parse_overrides(args.overrides)
-        build_config(args.method, args.world, args.work_dir or ".", overrides)  # TrainConfig's own checks
-    except ValueError as error:
+        return run_world_finetune(args)
+    except UsageError as error:
         parser.error(str(error))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.num_threads)
-    try:
-        return finetune(
-            args.method,
-            args.world,
-            args.work_dir,
-            overrides,
-            args.export_to,
-            args.regularizer_images,
-            "python -m realign_pipeline.shapes.finetune " + shlex.join(argv),
-        )
-    finally:
-        torch.set_num_threads(threads)  # a caller's setting survives (tests run this in-process)
 
 
 if __name__ == "__main__":
-    # As train_world: libgomp reads OMP_WAIT_POLICY when torch is imported, so restart with it set;
-    # spinning OpenMP threads on a shared CPU run several times slower.
+    # As train_world: libgomp reads OMP_WAIT_POLICY when torch is imported (this module imports it), so restart
+    # with it set; spinning OpenMP threads on a shared CPU run several times slower. `realign world finetune`
+    # sets it before torch loads.
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.execv(sys.executable, [sys.executable, "-m", "realign_pipeline.shapes.finetune", *sys.argv[1:]])

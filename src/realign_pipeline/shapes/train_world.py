@@ -1,6 +1,6 @@
 """Train the shapes world: a small Stable Diffusion pipeline and a small BLIP captioner, from scratch.
 
-    python -m realign_pipeline.shapes.train_world --output outputs/shapes-world --seed 0
+    realign world train --output outputs/shapes-world --set seed=0
 
 Stages, each resumable from an atomic checkpoint in ``<output>-work/``:
 
@@ -56,11 +56,56 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from ..errors import UsageError
+from ..options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Limit, check_fields
 from ..toy_pipeline import write_clip_tokenizer_files
 from .data import EVAL_CATEGORIES, HELD_OUT_PAIRS, IMAGE_SIZE, VOCABULARY, evaluation_prompts, make_sample
 from .judge import judge
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+# What each numeric WorldConfig option may be (``options.Limit``), checked on construction.
+WORLD_LIMITS: dict[str, Limit] = {
+    "num_threads": AT_LEAST_ONE,
+    "num_images": AT_LEAST_ONE,
+    "num_captioner_images": AT_LEAST_ONE,
+    "vae_channels": AT_LEAST_ONE,
+    "vae_steps": NON_NEGATIVE,
+    "vae_batch_size": AT_LEAST_ONE,
+    "vae_crop": Limit(4, IMAGE_SIZE, multiple_of=4),  # the VAE downsamples by 4
+    "vae_lr": POSITIVE,
+    "vae_kl_weight": NON_NEGATIVE,
+    "text_hidden_size": AT_LEAST_ONE,
+    "text_layers": AT_LEAST_ONE,
+    "unet_channels": AT_LEAST_ONE,
+    "unet_heads": AT_LEAST_ONE,
+    "unet_steps": NON_NEGATIVE,
+    "unet_batch_size": AT_LEAST_ONE,
+    "unet_lr": POSITIVE,
+    "warmup_steps": NON_NEGATIVE,
+    "min_lr_ratio": Limit(0, 1),
+    "ema_decay": Limit(0, 1, high_open=True),
+    "caption_dropout": Limit(0, 1),
+    "snr_gamma": POSITIVE,
+    "beta_start": Limit(0, 1, low_open=True, high_open=True),
+    "beta_end": Limit(0, 1, low_open=True, high_open=True),
+    "captioner_hidden_size": AT_LEAST_ONE,
+    "captioner_layers": AT_LEAST_ONE,
+    "captioner_steps": NON_NEGATIVE,
+    "captioner_batch_size": AT_LEAST_ONE,
+    "captioner_lr": POSITIVE,
+    "captioner_max_length": AT_LEAST_ONE,
+    "checkpoint_every": AT_LEAST_ONE,
+    "log_every": AT_LEAST_ONE,
+    "eval_prompts_per_category": NON_NEGATIVE,
+    "eval_steps": AT_LEAST_ONE,
+    "guidance_scale": NON_NEGATIVE,
+}
+WORLD_CHOICES: dict[str, tuple[str, ...]] = {
+    "captioner_split": ("train", "all", "held_out"),
+    "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+}
 
 
 @dataclass
@@ -117,6 +162,14 @@ class WorldConfig:
     eval_prompts_per_category: int = 16  # development prompts judged at the end (at most 16 per category exist)
     eval_steps: int = 25
     guidance_scale: float = 4.0
+
+    def __post_init__(self) -> None:
+        check_fields(self, WORLD_LIMITS, WORLD_CHOICES)
+        if len(self.unet_channels) != len(self.unet_heads):
+            raise UsageError(
+                f"unet_heads must have one entry per unet_channels entry ({len(self.unet_channels)}), "
+                f"got {list(self.unet_heads)}"
+            )
 
     @property
     def work(self) -> Path:
@@ -787,7 +840,7 @@ BLIP-2 knows far more than Stable Diffusion binds correctly).
 ## Training (one command, resumable, reproducible from the seed)
 
 ```
-python -m realign_pipeline.shapes.train_world --output {config.output_dir} --seed {config.seed}
+realign world train --output {config.output_dir} --set seed={config.seed}
 ```
 
 1. VAE: L1 + MSE reconstruction with KL weight {config.vae_kl_weight}, {config.vae_steps} steps of batch
@@ -897,31 +950,31 @@ def _train_world(config: WorldConfig) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> WorldConfig:
-    """Every ``WorldConfig`` field is a flag (``--unet-steps 100``); ``--output`` names the folder."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", dest="output_dir", default=WorldConfig.output_dir)
-    for f in dataclasses.fields(WorldConfig):
-        if f.name == "output_dir":
-            continue
-        default = f.default
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, tuple):
-            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=default)
-        elif isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            parser.add_argument(flag, dest=f.name, type=type(default) if default is not None else str, default=default)
-    args = vars(parser.parse_args(argv))
-    return WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    """``[--config FILE] [--set key=value ...] [--output DIR]`` (``realign world train``'s arguments) as a
+    ``WorldConfig``; a bad option is a ``UsageError`` naming its source."""
+    from ..options import read_options
+    from .command import add_world_train_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="python -m realign_pipeline.shapes.train_world", description=__doc__.split("\n\n")[0]
+    )
+    add_world_train_arguments(parser)
+    args = parser.parse_args(argv)
+    config = read_options(WorldConfig, args.config, args.overrides)
+    return config if args.output is None else dataclasses.replace(config, output_dir=args.output)
 
 
 def main(argv: list[str] | None = None) -> None:
-    train_world(parse_args(argv))
+    """``python -m realign_pipeline.shapes.train_world``: the same as ``realign world train``."""
+    from ..cli import main as cli_main
+
+    cli_main(["world", "train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    # libgomp reads OMP_WAIT_POLICY once, when torch is imported (the package imports it before this line),
-    # so the process restarts itself with the variable set: spinning OpenMP threads on a shared CPU run 5-10x slower.
+    # libgomp reads OMP_WAIT_POLICY once, when torch is imported (this module imports it), so the process restarts
+    # itself with the variable set: spinning OpenMP threads on a shared CPU run 5-10x slower. `realign world train`
+    # sets it before torch loads.
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.execv(sys.executable, [sys.executable, "-m", "realign_pipeline.shapes.train_world", *sys.argv[1:]])

@@ -12,6 +12,9 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
+from ..options import add_config_arguments
+
 TRAIN_EPILOG = textwrap.dedent(
     """\
     examples:
@@ -58,27 +61,20 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--config", required=True, type=Path, metavar="FILE", help="YAML, JSON or TOML file of TrainConfig options"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one option (the value is read as YAML: 3, 1e-5, [30, 40], null); repeatable",
-    )
-    parser.set_defaults(run=run_train)
+    add_config_arguments(parser, required=True, what="TrainConfig")
+    parser.set_defaults(run=run_train, usage_prog=parser.prog)
     return parser
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from .config import load_config
+    from .config import check_run_inputs, load_config
+
+    config = load_config(args.config, args.overrides)  # a UsageError names the file and the option
+    check_run_inputs(config)  # the prompt files and folders, before any model loads
     from .run import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = train(load_config(args.config, args.overrides))
+    result = train(config)
     state = "finished" if result.finished else "stopped early (run the same command to resume)"
     print(f"{state} at step {result.global_step}; outputs in {result.output_dir}")
 
@@ -120,39 +116,40 @@ def add_push_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", action="store_true", help="build the folder (see --staging-dir) but upload nothing"
     )
-    parser.set_defaults(run=run_push)
+    parser.set_defaults(run=run_push, usage_prog=parser.prog)
     return parser
 
 
 def run_push(args: argparse.Namespace) -> None:
-    from ..hub import build_upload_folder, push_pipeline
+    from ..hub import HubError, build_upload_folder, check_push_inputs, push_pipeline
 
-    eval_table = args.eval_table.read_text() if args.eval_table else None
+    # Local checks first: nothing is created on the Hub for a folder that cannot be built.
+    check_push_inputs(args.trained, args.base_model, args.staging_dir)
+    if args.eval_table is not None and not args.eval_table.is_file():
+        raise UsageError(f"--eval-table {args.eval_table}: no such file (a Markdown table)")
+    if args.dry_run and args.staging_dir is None:
+        raise UsageError("--dry-run needs --staging-dir DIR to leave the folder somewhere to look at")
+    eval_table = args.eval_table.read_text(encoding="utf-8") if args.eval_table else None
     if args.dry_run:
-        if args.staging_dir is None:
-            raise SystemExit("--dry-run needs --staging-dir to leave the folder somewhere.")
         build_upload_folder(
-            args.trained,
-            args.staging_dir,
-            args.repo_id,
-            args.base_model,
-            args.unet_only,
-            args.license,
-            eval_table,
+            args.trained, args.staging_dir, args.repo_id, args.base_model, args.unet_only, args.license, eval_table
         )
         print(f"wrote {args.staging_dir}; nothing uploaded")
         return
-    info = push_pipeline(
-        args.trained,
-        args.repo_id,
-        base_model=args.base_model,
-        unet_only=args.unet_only,
-        token=args.token,
-        private=args.private,
-        create_pr=args.create_pr,
-        revision=args.revision,
-        license=args.license,
-        eval_table=eval_table,
-        staging_dir=args.staging_dir,
-    )
+    try:
+        info = push_pipeline(
+            args.trained,
+            args.repo_id,
+            base_model=args.base_model,
+            unet_only=args.unet_only,
+            token=args.token,
+            private=args.private,
+            create_pr=args.create_pr,
+            revision=args.revision,
+            license=args.license,
+            eval_table=eval_table,
+            staging_dir=args.staging_dir,
+        )
+    except HubError as error:
+        raise UsageError(f"--repo-id {args.repo_id}: {error}") from None
     print(f"pushed: {info.pr_url or info.commit_url}")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from ..errors import UsageError
+from ..options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Limit, check_fields, read_options
 
 # Option names whose values are credentials: api_key, apikey, hf_token, access_token, client_secret,
 # password, ... (whole words between underscores, so max_new_tokens and tokenizer are not matched).
@@ -35,6 +37,60 @@ def redact_secrets(value: Any) -> Any:
 
 def _default_rewards() -> list[dict[str, Any]]:
     return [{"name": "concept_matching", "model": "Salesforce/blip-image-captioning-base", "weight": 1.0}]
+
+
+# What each numeric option may be (``options.Limit``); TrainConfig checks them on construction.
+TRAIN_LIMITS: dict[str, Limit] = {
+    "resolution": Limit(8, multiple_of=8),
+    "num_validation_prompts": AT_LEAST_ONE,
+    "lora_rank": AT_LEAST_ONE,
+    "lora_alpha": POSITIVE,
+    "ema_decay": Limit(0, 1, high_open=True),
+    "learning_rate": POSITIVE,
+    "adam_beta1": Limit(0, 1, high_open=True),
+    "adam_beta2": Limit(0, 1, high_open=True),
+    "adam_weight_decay": NON_NEGATIVE,
+    "adam_epsilon": POSITIVE,
+    "max_grad_norm": POSITIVE,
+    "lr_warmup_steps": NON_NEGATIVE,
+    "train_batch_size": AT_LEAST_ONE,
+    "gradient_accumulation_steps": AT_LEAST_ONE,
+    "max_train_steps": AT_LEAST_ONE,
+    "stop_after_steps": AT_LEAST_ONE,
+    "num_inference_steps": AT_LEAST_ONE,
+    "refl_step_range": NON_NEGATIVE,
+    "guidance_scale": NON_NEGATIVE,
+    "reward_loss_weight": NON_NEGATIVE,
+    "pretrain_loss_weight": NON_NEGATIVE,
+    "pretrain_batch_size": AT_LEAST_ONE,
+    "pretrain_generate_count": AT_LEAST_ONE,
+    "attribute_concentration_weight": NON_NEGATIVE,
+    "ranked_samples_per_prompt": AT_LEAST_ONE,
+    "ranked_keep_per_prompt": AT_LEAST_ONE,
+    "ranked_rounds": AT_LEAST_ONE,
+    "ranked_prompts_per_round": AT_LEAST_ONE,
+    "ranked_epochs_per_round": AT_LEAST_ONE,
+    "checkpointing_steps": AT_LEAST_ONE,
+    "checkpoints_total_limit": AT_LEAST_ONE,
+    "validation_steps": NON_NEGATIVE,
+}
+# diffusers.optimization.SchedulerType's names (written out: importing diffusers costs seconds).
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
+    "method": ("refl", "reward_ranked"),
+    "sampler": ("ddpm", "ddim"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "lr_scheduler": LR_SCHEDULERS,
+    "report_to": ("tensorboard", "wandb", "all", "none"),
+}
 
 
 @dataclass
@@ -147,18 +203,20 @@ class TrainConfig:
     the adapter alone as ``lora/pytorch_lora_weights.safetensors``."""
 
     def __post_init__(self) -> None:
-        if self.method not in ("refl", "reward_ranked"):
-            raise ValueError(f"method must be 'refl' or 'reward_ranked', not {self.method!r}.")
-        if self.sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', not {self.sampler!r}.")
-        start, end = self.refl_step_range
-        if self.method == "refl" and not 0 <= start < end <= self.num_inference_steps:
-            raise ValueError(
-                f"refl_step_range {self.refl_step_range} must satisfy 0 <= start < end <= num_inference_steps "
-                f"({self.num_inference_steps})."
+        check_fields(self, TRAIN_LIMITS, TRAIN_CHOICES)
+        if len(self.refl_step_range) != 2 or (
+            self.method == "refl"
+            and not 0 <= self.refl_step_range[0] < self.refl_step_range[1] <= self.num_inference_steps
+        ):
+            raise UsageError(
+                f"refl_step_range must be [start, end] with 0 <= start < end <= num_inference_steps "
+                f"({self.num_inference_steps}), got {self.refl_step_range}"
             )
         if self.ranked_keep_per_prompt > self.ranked_samples_per_prompt:
-            raise ValueError("ranked_keep_per_prompt cannot exceed ranked_samples_per_prompt.")
+            raise UsageError(
+                f"ranked_keep_per_prompt must be <= ranked_samples_per_prompt ({self.ranked_samples_per_prompt}), "
+                f"got {self.ranked_keep_per_prompt}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,61 +230,15 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_public_dict(), indent=2) + "\n")
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML, JSON or TOML file (by suffix)."""
-    path = Path(path)
-    text = path.read_text()
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        data = json.loads(text)
-    elif suffix == ".toml":
-        if sys.version_info < (3, 11):
-            raise RuntimeError("TOML configs need Python 3.11 (tomllib); use YAML or JSON.")
-        import tomllib
-
-        data = tomllib.loads(text)
-    elif suffix in (".yaml", ".yml"):
-        import yaml  # PyYAML comes with accelerate
-
-        data = yaml.safe_load(text) or {}
-    else:
-        raise ValueError(f"Unknown config format {path.suffix!r}: use .yaml, .yml, .json or .toml.")
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of option names to values.")
-    return data
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` with ``value`` read as YAML (so ``3``, ``1e-4``, ``[30, 40]``, ``null`` work)."""
-    import yaml
-
-    key, separator, value = text.partition("=")
-    if not separator:
-        raise ValueError(f"Override {text!r} is not of the form key=value.")
-    parsed = yaml.safe_load(value)
-    if (
-        isinstance(parsed, str)
-        and parsed == value.strip()
-        and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", parsed)
-    ):
-        parsed = float(parsed)  # YAML 1.1 (PyYAML) reads 1e-4 as a string; it needs a dot (1.0e-4)
-    return key.strip(), parsed
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
-    """A ``TrainConfig`` from a file, with ``overrides`` (``["key=value", ...]`` or a dict) applied on top.
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] | None = None
+) -> TrainConfig:
+    """A ``TrainConfig`` from a YAML, JSON or TOML file, with ``overrides`` (``["key=value", ...]`` or a
+    mapping) applied on top: ``options.read_options``, whose errors (``UsageError``) name the file.
 
     Unknown keys are an error, so a typo does not silently fall back to a default.
     """
-    data = read_config_file(path) if path is not None else {}
-    if isinstance(overrides, dict):
-        data.update(overrides)
-    else:
-        data.update(dict(parse_override(item) for item in overrides or []))
-    unknown = unknown_keys(data)
-    if unknown:
-        raise ValueError(f"Unknown config keys {unknown}. Known keys: {sorted(f.name for f in fields(TrainConfig))}.")
-    return TrainConfig(**data)
+    return read_options(TrainConfig, path, overrides)
 
 
 def unknown_keys(options: Mapping[str, Any]) -> list[str]:
@@ -237,3 +249,35 @@ def unknown_keys(options: Mapping[str, Any]) -> list[str]:
 def config_replace(config: TrainConfig, **changes: Any) -> TrainConfig:
     """A copy of ``config`` with ``changes`` (validated again)."""
     return dataclasses.replace(config, **changes)
+
+
+def check_run_inputs(config: TrainConfig) -> None:
+    """The files a run reads, checked before any model loads: the prompt files (present, with at least
+    one prompt), the regulariser's folder and the checkpoint to resume from. ``UsageError`` names the option."""
+    from .data import read_prompts
+
+    if not config.prompts:
+        raise UsageError("prompts is not set: give a text file with one prompt per line, or hf:<dataset id>")
+    for name in ("prompts", "validation_prompts"):
+        source = getattr(config, name)
+        if source is None or str(source).startswith("hf:"):
+            continue
+        if not Path(source).is_file():
+            raise UsageError(f"{name}: no such file {source!r} (a text file with one prompt per line)")
+        try:
+            read_prompts(source)
+        except ValueError:
+            raise UsageError(
+                f"{name}: {source!r} holds no prompts (one prompt per line; # starts a comment)"
+            ) from None
+    data = config.pretrain_data
+    if data is not None and data != "generate" and not data.startswith("hf:"):
+        if not (Path(data) / "metadata.jsonl").is_file():
+            raise UsageError(
+                f"pretrain_data: {data!r} is not a folder with metadata.jsonl (or use hf:<dataset id> or generate)"
+            )
+    resume = config.resume_from_checkpoint
+    if resume not in (None, "latest") and not Path(resume).is_dir():
+        raise UsageError(
+            f"resume_from_checkpoint: no such folder {resume!r} (use latest, null or a checkpoint folder)"
+        )

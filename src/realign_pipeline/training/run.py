@@ -6,14 +6,21 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from ..rewards.base import Reward
-from .config import TrainConfig, load_config
-from .outputs import TrainResult
+from ..errors import UsageError
+from ..options import add_config_arguments
+from .config import TrainConfig, check_run_inputs, load_config
+
+if TYPE_CHECKING:
+    from ..rewards.base import Reward
+    from .outputs import TrainResult
 
 
 def train(config: TrainConfig, reward: Reward | None = None) -> TrainResult:
-    """Train with ReFL or reward-ranked learning, as ``config.method`` says."""
+    """Train with ReFL or reward-ranked learning, as ``config.method`` says; the files the run reads
+    are checked first (``check_run_inputs``), before any model loads."""
+    check_run_inputs(config)
     if config.method == "refl":
         from .refl import train_refl
 
@@ -27,10 +34,12 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     """``python -m realign_pipeline.training --config run.yaml [--set key=value ...]``; the same
     arguments work under ``accelerate launch -m realign_pipeline.training``."""
     parser = argparse.ArgumentParser(prog="python -m realign_pipeline.training", description=main.__doc__)
-    parser.add_argument("--config", required=True, help="YAML, JSON or TOML file of TrainConfig options.")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Override one option."
-    )
+    add_config_arguments(parser, required=True, what="TrainConfig")
     args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        check_run_inputs(config)
+    except UsageError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return train(load_config(args.config, args.overrides))
+    return train(config)

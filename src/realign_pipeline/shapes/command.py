@@ -1,0 +1,174 @@
+"""``realign world train`` and ``realign world finetune``: build the shapes world, fine-tune its UNet.
+
+    realign world train --output outputs/shapes-world --set unet_steps=4000
+    realign world finetune --method refl --set max_train_steps=300
+
+Both read options through ``options.read_options`` (``--config FILE`` and ``--set KEY=VALUE``; typed,
+range-checked, the file named in every error): ``WorldConfig``'s for ``train``, ``TrainConfig``'s for
+``finetune`` on top of the world's defaults (``finetune.DEFAULTS``). Heavy modules load inside the run
+functions, after every check that needs no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UsageError
+from ..options import add_config_arguments
+
+if TYPE_CHECKING:
+    from .finetune import FinetuneResult
+
+# The built-in world, committed in the package.
+WORLD = Path(__file__).resolve().with_name("world")
+METHODS = ("refl", "reward_ranked")
+# ReFL's regulariser: this many rendered training-split scenes (see finetune.REGULARIZER_SEED).
+REGULARIZER_IMAGES = 2000
+
+
+def quiet_openmp_threads() -> None:
+    """``OMP_WAIT_POLICY=PASSIVE`` unless set: libgomp reads it once, when torch is imported, and
+    busy-waiting OpenMP threads run 5-10x slower on a shared CPU. Call it before torch is imported."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def add_world_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``world`` with its sub-commands ``train`` and ``finetune``."""
+    parser = subparsers.add_parser(
+        "world",
+        help="train the built-in shapes world, or fine-tune its UNet with caption rewards",
+        description="The shapes world: a small Stable Diffusion trained from scratch on coloured shapes "
+        "(realign_pipeline.shapes), and its caption-reward fine-tuned UNets.",
+    )
+    commands = parser.add_subparsers(dest="world_command", required=True, metavar="{train,finetune}")
+    train = commands.add_parser(
+        "train",
+        help="train the world from scratch (VAE, text encoder + UNet, BLIP captioner); resumable",
+        description="Train the shapes world: every stage resumes from its last checkpoint in <output>-work/.",
+    )
+    add_world_train_arguments(train)
+    train.set_defaults(run=run_world_train, usage_prog=train.prog)
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune the world's UNet with ReFL or reward-ranked learning (the ablation's rows)",
+        description="Fine-tune the world's UNet with a caption-reward trainer and export it as "
+        "<world>/unet-refl or <world>/unet-ranked; resumable.",
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              realign world finetune --method refl --num-threads 1
+              realign world finetune --method reward_ranked --set ranked_rounds=2
+            """
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_world_finetune_arguments(finetune)
+    finetune.set_defaults(run=run_world_finetune, usage_prog=finetune.prog)
+    return parser
+
+
+def add_world_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default=None, help="the world's folder (default: WorldConfig.output_dir)")
+    add_config_arguments(parser, required=False, what="WorldConfig (realign_pipeline.shapes.train_world)")
+
+
+def add_world_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", required=True, choices=METHODS, help="the trainer: ReFL or reward-ranked")
+    parser.add_argument("--world", default=str(WORLD), help="the shapes-world folder (default: the built-in one)")
+    parser.add_argument(
+        "--work-dir", default=None, help="data, checkpoints (default outputs/shapes-finetune/<method>)"
+    )
+    parser.add_argument(
+        "--export-to", default=None, help="folder that receives unet-refl/ or unet-ranked/ (default: --world)"
+    )
+    parser.add_argument("--num-threads", type=_positive_int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument(
+        "--regularizer-images", type=_positive_int, default=REGULARIZER_IMAGES, help="ReFL's regulariser scenes"
+    )
+    add_config_arguments(parser, required=False, what="TrainConfig (on top of the world's defaults)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _check_folder_target(flag: str, value: str | Path | None) -> None:
+    if value is not None and Path(value).exists() and not Path(value).is_dir():
+        raise UsageError(f"{flag} {value}: a file is in the way; name a folder")
+
+
+def run_world_train(args: argparse.Namespace) -> dict:
+    """Read the ``WorldConfig`` (file, ``--set``, ``--output``), check it, then train (or resume)."""
+    _check_folder_target("--output", args.output)
+    quiet_openmp_threads()
+    import dataclasses
+
+    from ..options import read_options
+    from .train_world import WorldConfig, train_world
+
+    config = read_options(WorldConfig, args.config, args.overrides)
+    if args.output is not None:
+        config = dataclasses.replace(config, output_dir=args.output)
+    _check_folder_target("output_dir", config.output_dir)
+    return train_world(config)
+
+
+def run_world_finetune(args: argparse.Namespace, command: str | None = None) -> FinetuneResult:
+    """Check the world folder and the ``TrainConfig``, then fine-tune and export the UNet."""
+    if not (Path(args.world) / "model_index.json").is_file():
+        raise UsageError(f"--world {args.world}: not a diffusers pipeline folder (no model_index.json)")
+    _check_folder_target("--work-dir", args.work_dir)
+    _check_folder_target("--export-to", args.export_to)
+    quiet_openmp_threads()
+    import torch
+
+    from .finetune import build_config, finetune
+
+    # TrainConfig's own checks, before any work: the paths it names are written by finetune itself.
+    build_config(args.method, args.world, args.work_dir or ".", args.overrides, config_file=args.config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.num_threads)
+    try:
+        return finetune(
+            args.method,
+            args.world,
+            args.work_dir,
+            args.overrides,
+            args.export_to,
+            args.regularizer_images,
+            command or finetune_command(args),
+            config_file=args.config,
+        )
+    finally:
+        torch.set_num_threads(threads)  # a caller's setting survives (tests run this in-process)
+
+
+def finetune_command(args: argparse.Namespace) -> str:
+    """The ``realign world finetune`` command line that repeats this run (for the export's README)."""
+    parts = ["realign", "world", "finetune", "--method", args.method]
+    for flag, value, default in (
+        ("--world", args.world, str(WORLD)),
+        ("--work-dir", args.work_dir, None),
+        ("--export-to", args.export_to, None),
+        ("--num-threads", args.num_threads, 2),
+        ("--regularizer-images", args.regularizer_images, REGULARIZER_IMAGES),
+        ("--config", args.config, None),
+    ):
+        if value is not None and value != default:
+            parts += [flag, str(value)]
+    for override in args.overrides:
+        parts += ["--set", override]
+    return shlex.join(parts)
