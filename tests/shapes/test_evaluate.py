@@ -1,7 +1,9 @@
-"""The evaluation table: Wilson intervals, true-mask regions, table formatting, and ``realign eval`` end to end."""
+"""The evaluation table: Wilson and paired intervals, true-mask regions, seeds per prompt, table formatting, and
+``realign eval`` end to end."""
 
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -26,22 +28,33 @@ from realign_pipeline.shapes.data import (
 )
 from realign_pipeline.shapes.evaluate import (
     CONFIGURATION_NAMES,
+    DEFAULT_SEEDS,
     FINETUNE_COMMAND,
     CategoryResult,
+    ConfigurationPair,
     ConfigurationResult,
     EvalConfiguration,
     EvalSettings,
+    PairedDifference,
     category_result,
     check_world,
+    compare_pair,
+    default_pairs,
     evaluation_prompt_sets,
     format_criteria_table,
+    format_pairs_table,
     format_table,
     initial_noise,
     latent_shape,
     load_pipeline,
+    paired_comparisons,
+    paired_difference,
+    pairs_for,
+    pass_matrix,
     run_configuration,
     run_evaluation,
     select_configurations,
+    student_t_quantile,
     true_mask_regions,
     wilson_interval,
 )
@@ -199,32 +212,44 @@ def eval_args(world: Path, output: Path) -> list[str]:
     return ["eval", "--world", str(world), "--output", str(output), "--prompts-per-category", "2", "--steps", "3"]
 
 
+def test_eval_seeds_default_is_the_modules():
+    from realign_pipeline.cli import build_parser
+
+    assert DEFAULT_SEEDS == EvalSettings().seeds == 4
+    assert build_parser().parse_args(["eval"]).seeds == DEFAULT_SEEDS
+
+
 def test_realign_eval_end_to_end(tmp_path, capsys):
     world = copy_world(tmp_path / "world", extra_unets=("unet-refl",))
     output = tmp_path / "eval"
     configurations = ["base", "reweight-attention", "reweight-grounded", "reweight-true-masks", "refl"]
-    main([*eval_args(world, output), "--configurations", *configurations])
+    main([*eval_args(world, output), "--seeds", "2", "--configurations", *configurations])
 
     printed = capsys.readouterr().out
+    # n counts images: 2 prompts x 2 seeds per category.
     assert (
-        "| configuration | UNet | re-weighting | binding (n=2) | relation (n=2) | count (n=2) | all (n=6)" in printed
+        "| configuration | UNet | re-weighting | binding (n=4) | relation (n=4) | count (n=4) | all (n=12)" in printed
     )
     assert str(output / "results.json") in printed
     report = json.loads((output / "results.json").read_text())
     assert report["settings"]["num_inference_steps"] == 3 and report["settings"]["split"] == "held_out"
+    assert report["settings"]["seeds"] == 2 and report["seeds_per_prompt"] == 2
     assert report["prompts"] == dict.fromkeys(EVAL_CATEGORIES, 2) and report["prompts_total"] == 6
+    assert report["images_per_configuration"] == 12
     assert {"torch", "diffusers", "realign-pipeline"} <= set(report["versions"])
     assert [r["configuration"]["name"] for r in report["results"]] == configurations
     for result in report["results"]:
         assert list(result["categories"]) == list(EVAL_CATEGORIES)
         for name, row in [*result["categories"].items(), ("all", result["all"])]:
-            assert row["n"] == (6 if name == "all" else 2)
+            assert row["n"] == (12 if name == "all" else 4)
             assert 0.0 <= row["accuracy"] <= 1.0 and row["accuracy"] == row["passed"] / row["n"]
             low, high = row["ci95"]
             assert 0.0 <= low <= row["accuracy"] <= high <= 1.0
             assert row["seconds_per_image"] > 0
         for name, row in result["categories"].items():
-            assert len(row["records"]) == 2
+            # Every seed of every prompt, all seeds of a prompt together.
+            assert [(r["prompt_index"], r["seed_index"]) for r in row["records"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+            assert row["records"][0]["prompt"] == row["records"][1]["prompt"] != row["records"][2]["prompt"]
             for rate in ("objects_present_rate", "binding_correct_rate", "count_correct_rate"):
                 assert 0.0 <= row[rate] <= 1.0
             assert (row["relation_correct_rate"] is None) == (name != "relation")
@@ -237,18 +262,36 @@ def test_realign_eval_end_to_end(tmp_path, capsys):
         assert record["regions"] == [phrase_for(group) for group in parse_prompt(record["prompt"]).groups]
     assert all("regions" in r for r in by_name["reweight-attention"]["categories"]["binding"]["records"])
     assert all("regions" not in r for r in by_name["base"]["categories"]["binding"]["records"])
+    # The paired table: the pairs whose two rows ran, in default_pairs' order, printed and in results.json.
+    expected_pairs = [("reweight-grounded", "base"), ("reweight-true-masks", "base")]
+    expected_pairs += [("reweight-attention", "base"), ("refl", "base")]
+    expected_pairs += [("reweight-true-masks", "reweight-grounded")]
+    assert [(p["first"], p["second"]) for p in report["paired"]] == expected_pairs
+    assert "| comparison | what it measures | binding (prompts=2, images=4) |" in printed
+    paired = {(p["first"], p["second"]): p for p in report["paired"]}
+    # refl's UNet is a copy: every image is the same, so the difference is exactly 0 in every category.
+    refl = paired[("refl", "base")]
+    assert all(d["difference"] == 0 and d["ci95"] == [0, 0] for d in [*refl["categories"].values(), refl["all"]])
+    assert (refl["all"]["prompts"], refl["all"]["images"]) == (6, 12)
+    # Each difference is the difference of the two rows' pooled pass rates.
+    for (first, second), comparison in paired.items():
+        for name in EVAL_CATEGORIES:
+            rates = [by_name[row]["categories"][name]["accuracy"] for row in (first, second)]
+            assert comparison["categories"][name]["difference"] == pytest.approx(rates[0] - rates[1])
     assert (output / "table.md").read_text().strip() == report["table"]
+    assert report["table"].count("| comparison |") == 1
     for name in configurations:
         sheet = PIL.Image.open(output / f"contact-sheet-{name}.png")
         assert sheet.height > 3 * 64  # one row of images per category
 
 
-def test_missing_finetuned_unet_fails_before_generating(tmp_path):
+def test_missing_finetuned_unet_fails_before_generating(tmp_path, capsys):
     world = copy_world(tmp_path / "world")
     output = tmp_path / "eval"
-    with pytest.raises(SystemExit, match="unet-refl") as raised:
+    with pytest.raises(SystemExit) as raised:
         main([*eval_args(world, output), "--configurations", "base", "refl"])
-    assert FINETUNE_COMMAND in str(raised.value.code)
+    error = capsys.readouterr().err
+    assert raised.value.code == 2 and "unet-refl" in error and FINETUNE_COMMAND in error
     assert not output.exists()
     with pytest.raises(FileNotFoundError, match="unet-ranked.*needed by full"):
         run_evaluation(world, select_configurations(["base", "full"], full_unet="unet-ranked"))
@@ -265,6 +308,7 @@ def test_missing_finetuned_unet_fails_before_generating(tmp_path):
         (["--full-unet", "unet"], "--full-unet"),
         (["--guidance-scale", "nan"], "--guidance-scale"),
         (["--threads", "0"], "--threads"),
+        (["--seeds", "0"], "--seeds"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, capsys, arguments, named):
@@ -274,11 +318,13 @@ def test_bad_arguments_are_named(tmp_path, capsys, arguments, named):
     assert not (tmp_path / "eval").exists()
 
 
-def test_world_without_a_pipeline_and_repeated_configurations_are_refused(tmp_path):
-    with pytest.raises(SystemExit, match="--world"):
+def test_world_without_a_pipeline_and_repeated_configurations_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
         main(["eval", "--world", str(tmp_path), "--output", str(tmp_path / "eval")])
-    with pytest.raises(SystemExit, match="--configurations.*more than once"):
+    assert "--world" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["eval", "--configurations", "base", "base", "--output", str(tmp_path / "eval")])
+    assert re.search("--configurations.*more than once", capsys.readouterr().err)
 
 
 def test_wilson_interval_bounds_are_exact_at_the_ends():
@@ -381,6 +427,8 @@ def test_records_keep_each_verdict_and_the_regions_used_and_dropped():
     assert result.category == "relation"
     assert result.records[0] == {
         "prompt": RELATION_PROMPT,
+        "prompt_index": 0,
+        "seed_index": 0,
         "passed": True,
         "objects_present": True,
         "binding_correct": True,
@@ -392,6 +440,8 @@ def test_records_keep_each_verdict_and_the_regions_used_and_dropped():
     }
     assert result.records[1] == {
         "prompt": RELATION_PROMPT,
+        "prompt_index": 1,
+        "seed_index": 0,
         "passed": False,
         "objects_present": False,
         "binding_correct": False,
@@ -420,6 +470,14 @@ def test_initial_noise_depends_on_the_prompt_alone():
     # The stream is pinned: published tables were drawn from it, and a silent change would redraw them.
     assert initial_noise(0, 0, 0, (4,)).tolist() == pytest.approx([0.5458652, -0.3587555, -0.7178655, 0.7713175])
     assert initial_noise(7, 2, 5, (2,)).tolist() == pytest.approx([-1.2507457, 1.6611096])
+    # Seed index 0 is that same stream; other seed indices are other streams, each pinned too.
+    assert torch.equal(initial_noise(7, 2, 5, (2,), seed_index=0), initial_noise(7, 2, 5, (2,)))
+    seeds = [initial_noise(0, 1, 2, shape, seed_index=s) for s in range(4)]
+    assert torch.equal(seeds[0], a) and all(not torch.allclose(seeds[i], seeds[j]) for i in range(4) for j in range(i))
+    assert not torch.allclose(seeds[1], initial_noise(0, 1, 3, shape))  # seed 1 of prompt 2 is not prompt 3
+    assert initial_noise(0, 0, 0, (2,), seed_index=1).tolist() == pytest.approx([-1.6613646, -1.2997417])
+    with pytest.raises(ValueError, match="seed_index must be >= 0, got -1"):
+        initial_noise(0, 0, 0, (2,), seed_index=-1)
 
 
 def test_latent_shape_reads_the_unet_config():
@@ -463,7 +521,7 @@ def test_every_configuration_starts_each_prompt_from_the_same_noise(world_pipe):
     runs = {}
     for name, batch_size in [("base", 2), ("reweight-true-masks", 1), ("reweight-attention", 2), ("base", 1)]:
         spy = SpyPipeline(world_pipe)
-        settings = EvalSettings(num_inference_steps=1, batch_size=batch_size, seed=3)
+        settings = EvalSettings(num_inference_steps=1, batch_size=batch_size, seed=3, seeds=1)
         result = run_configuration(spy, select_configurations([name])[0], prompt_sets, settings)
         runs[(name, batch_size)] = spy, result
     reference = runs[("base", 2)][0].latents_by_prompt()
@@ -490,7 +548,9 @@ def test_run_configuration_hands_the_settings_to_the_pipeline_and_counts_every_p
     prompt_sets = {"binding": ["a red circle and a blue square", "a green triangle and a white circle"]}
     prompt_sets["relation"] = ["a red circle on the left of a blue square"]
     prompts = [*prompt_sets["binding"], *prompt_sets["relation"]]
-    settings = EvalSettings(num_inference_steps=1, guidance_scale=2.5, batch_size=2, seed=4, coarse_stop_fraction=0.5)
+    settings = EvalSettings(
+        num_inference_steps=1, guidance_scale=2.5, batch_size=2, seed=4, coarse_stop_fraction=0.5, seeds=1
+    )
     spies = {}
     for name in ("reweight-true-masks", "reweight-grounded"):
         spies[name] = spy = SpyPipeline(world_pipe)
@@ -528,14 +588,14 @@ def test_run_configuration_hands_the_settings_to_the_pipeline_and_counts_every_p
 
 def test_run_configuration_time_adds_up_over_batches(world_pipe):
     spy = SpyPipeline(world_pipe)
-    settings = EvalSettings(num_inference_steps=1, batch_size=1)
+    settings = EvalSettings(num_inference_steps=1, batch_size=1, seeds=1)
     prompt_sets = {"binding": ["a red circle and a blue square", "a green triangle and a white circle"]}
     result = run_configuration(spy, select_configurations(["base"])[0], prompt_sets, settings)
     assert len(spy.durations) == 2 and result.categories["binding"].seconds >= sum(spy.durations)
 
 
 def test_run_evaluation_returns_rows_in_the_order_asked_each_with_its_own_unet(world_pipe):
-    settings = EvalSettings(prompts_per_category=1, num_inference_steps=1)
+    settings = EvalSettings(prompts_per_category=1, num_inference_steps=1, seeds=1)
     results = run_evaluation(BUILTIN_WORLD, select_configurations(["refl", "base"]), settings, progress=False)
     assert [r.configuration.name for r in results] == ["refl", "base"]
     for result in results:
@@ -640,3 +700,179 @@ def test_tables_of_one_row_and_their_exact_lines():
     for formatter in (format_table, format_criteria_table):
         with pytest.raises(ValueError, match="^no results to format$"):
             formatter([])
+
+
+def test_seeds_draw_each_prompt_from_its_own_noise_the_same_in_every_row(world_pipe):
+    prompt_sets = {"binding": ["a red circle and a blue square"], "relation": ["a red circle above a blue square"]}
+    runs = {}
+    for name, batch_size in [("base", 4), ("reweight-true-masks", 2)]:
+        spy = SpyPipeline(world_pipe)
+        settings = EvalSettings(num_inference_steps=1, batch_size=batch_size, seed=5, seeds=3)
+        runs[name] = spy, run_configuration(spy, select_configurations([name])[0], prompt_sets, settings)
+    shape = latent_shape(world_pipe)
+    expected = [initial_noise(5, position, 0, shape, s) for position in (0, 1) for s in range(3)]
+    for spy, result in runs.values():
+        handed = [latents for _, batch, _ in spy.calls for latents in batch]
+        assert len(handed) == 6 and all(torch.equal(a, b) for a, b in zip(handed, expected))
+        assert [prompt for prompts, _, _ in spy.calls for prompt in prompts] == [
+            p for prompts in prompt_sets.values() for p in prompts for _ in range(3)
+        ]
+        for category, category_result_ in result.categories.items():
+            assert category_result_.n == 3
+            assert [(r["prompt_index"], r["seed_index"]) for r in category_result_.records] == [(0, 0), (0, 1), (0, 2)]
+            assert len(pass_matrix(category_result_)) == 1 and len(pass_matrix(category_result_)[0]) == 3
+            assert len(result.samples[category]) == 3
+    assert [len(prompts) for prompts, _, _ in runs["base"][0].calls] == [3, 3]  # batches never mix categories
+    assert [len(prompts) for prompts, _, _ in runs["reweight-true-masks"][0].calls] == [2, 1, 2, 1]
+    # True masks: each image's layout comes from its own stream (seed, category position, prompt index, seed index).
+    handed = [regions for _, _, kwargs in runs["reweight-true-masks"][0].calls for regions in kwargs["regions"]]
+    streams = [(position, s) for position in (0, 1) for s in range(3)]
+    for regions, (position, s) in zip(handed, streams, strict=True):
+        prompt = prompt_sets[list(prompt_sets)[position]][0]
+        want = true_mask_regions(prompt, np.random.default_rng([5, position, 0, s]))
+        assert all(np.array_equal(mask, w) for (_, mask), (_, w) in zip(regions, want, strict=True))
+    assert not np.array_equal(handed[0][0][1], handed[1][0][1])  # another seed, another layout
+
+
+def test_true_masks_satisfy_every_held_out_relation_prompt():
+    """The relation rows' true masks come from the prompt alone and satisfy its relation by the judge's rule."""
+    prompts = evaluation_prompt_sets("held_out", 24)["relation"]
+    assert {parse_prompt(p).relation.predicate for p in prompts} == {
+        "on the left of",
+        "on the right of",
+        "above",
+        "below",
+    }
+    for index, prompt in enumerate(prompts):
+        relation = parse_prompt(prompt).relation
+        for s in range(2):
+            regions = true_mask_regions(prompt, np.random.default_rng([0, 1, index, s]))
+            centers = [np.argwhere(mask).mean(0)[::-1] for _, mask in regions]  # (x, y)
+            assert relation_holds(centers[relation.subject], relation.predicate, centers[relation.object]), prompt
+            # ... and not the opposite relation, whatever the order of the regions.
+            assert not relation_holds(centers[relation.object], relation.predicate, centers[relation.subject])
+
+
+def test_student_t_quantile_matches_the_published_table():
+    # Two-sided 95% (and 90%) points of Student's t, e.g. Fisher & Yates' tables.
+    published = {1: 12.7062, 2: 4.3027, 3: 3.1824, 5: 2.5706, 10: 2.2281, 30: 2.0423, 100: 1.9840}
+    for df, value in published.items():
+        assert student_t_quantile(0.95, df) == pytest.approx(value, abs=5e-5)
+    assert student_t_quantile(0.90, 10) == pytest.approx(1.8125, abs=5e-5)
+    # df = 1 is the Cauchy distribution: t = tan(pi * confidence / 2); df = 2 has t = sqrt(2 c^2 / (1 - c^2)).
+    assert student_t_quantile(0.95, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-12)
+    assert student_t_quantile(0.8, 2) == pytest.approx(math.sqrt(2 * 0.64 / 0.36), rel=1e-12)
+    # Large df tends to the normal quantile.
+    assert 1.96 < student_t_quantile(0.95, 2000) < 1.9612
+    for confidence, df, message in [(1.0, 3, "confidence"), (0.95, 0, "df"), (0.95, 2.5, "df")]:
+        with pytest.raises(ValueError, match=message):
+            student_t_quantile(confidence, df)
+
+
+def test_paired_difference_exact_values_on_a_hand_made_case():
+    # Three prompts, two seeds each. Per-prompt differences: 1/2, 1/2, 0 -> mean 1/3, sd sqrt(1/12), se 1/6.
+    first = [[True, True], [True, False], [False, False]]
+    second = [[False, True], [False, False], [False, False]]
+    result = paired_difference(first, second)
+    half_width = 4.302652729749464 / 6  # t(0.975, 2 df) * se
+    assert result == PairedDifference(
+        pytest.approx(1 / 3), pytest.approx(1 / 3 - half_width), pytest.approx(1 / 3 + half_width), 3, 6
+    )
+    # The difference is the difference of the pooled rates (3/6 - 1/6); swapping the rows flips the sign.
+    swapped = paired_difference(second, first)
+    assert (swapped.difference, swapped.low, swapped.high) == pytest.approx(
+        (-1 / 3, -1 / 3 - half_width, -1 / 3 + half_width)
+    )
+    # The interval is over prompts, not images: the same 2 passes in 2 prompts x 4 seeds vs 8 prompts x 1 seed.
+    clustered = paired_difference([[1, 1, 0, 0], [0, 0, 0, 0]], [[0] * 4, [0] * 4])
+    spread = paired_difference([[1], [1], [0], [0], [0], [0], [0], [0]], [[0]] * 8)
+    assert clustered.difference == spread.difference == 0.25
+    # Clustered: per-prompt differences 1/2 and 0, sd sqrt(1/8), se 1/4, t(0.975, 1 df) = tan(0.475 pi).
+    assert clustered.high - clustered.low == pytest.approx(2 * math.tan(0.475 * math.pi) * 0.25)
+    assert spread.high - spread.low < clustered.high - clustered.low
+    # Identical rows: exactly zero with a zero-width interval; one prompt: no interval.
+    assert paired_difference(first, first) == PairedDifference(0.0, 0.0, 0.0, 3, 6)
+    alone = paired_difference([[True, False]], [[False, False]])
+    assert alone.difference == 0.5 and math.isnan(alone.low) and math.isnan(alone.high)
+    assert alone.as_dict() == {"difference": 0.5, "ci95": [None, None], "prompts": 1, "images": 2}
+
+
+def test_paired_difference_refuses_rows_that_do_not_pair():
+    with pytest.raises(ValueError, match="first has 2 prompts, second 1"):
+        paired_difference([[1], [0]], [[1]])
+    with pytest.raises(ValueError, match="same positive number of seeds"):
+        paired_difference([[1, 0], [0]], [[1, 0], [0]])
+    with pytest.raises(ValueError, match="same positive number of seeds"):
+        paired_difference([[1, 0]], [[1]])
+    with pytest.raises(ValueError, match="no prompts"):
+        paired_difference([], [])
+
+
+def relation_rows(passes: list[list[bool]], name: str) -> ConfigurationResult:
+    """A hand-made row of RELATION_PROMPT images: ``passes[p][s]`` says whether seed s of prompt p passed."""
+    spec = parse_prompt(RELATION_PROMPT)
+    right = evaluate([found("red", "circle", 10, 32), found("blue", "square", 50, 32)], spec, RELATION_PROMPT)
+    swapped = evaluate([found("red", "circle", 50, 32), found("blue", "square", 10, 32)], spec, RELATION_PROMPT)
+    samples = [(p, s) for p, row in enumerate(passes) for s in range(len(row))]
+    verdicts = [right if passes[p][s] else swapped for p, s in samples]
+    result = category_result("relation", verdicts, 1.0, samples=samples)
+    return ConfigurationResult(select_configurations([name])[0], {"relation": result})
+
+
+def test_compare_pair_and_its_table_on_a_hand_made_case():
+    full = relation_rows([[True, True], [True, False], [False, False]], "full")
+    base = relation_rows([[False, True], [False, False], [False, False]], "base")
+    assert pass_matrix(full.categories["relation"]) == [[True, True], [True, False], [False, False]]
+    pair = ConfigurationPair("full", "base", "the whole method")
+    comparison = compare_pair(full, base, pair)
+    assert (
+        comparison.categories["relation"]
+        == comparison.all
+        == paired_difference(pass_matrix(full.categories["relation"]), pass_matrix(base.categories["relation"]))
+    )
+    assert format_pairs_table([comparison]).splitlines() == [
+        "| comparison | what it measures | relation (prompts=3, images=6) | all (prompts=3, images=6) |",
+        "|---|---|---|---|",
+        "| full - base | the whole method | +33.3 [-38.4, +105.0] | +33.3 [-38.4, +105.0] |",
+    ]
+    row = comparison.as_dict()
+    assert (row["first"], row["second"], row["meaning"]) == ("full", "base", "the whole method")
+    assert row["all"]["difference"] == pytest.approx(1 / 3) and row["all"]["images"] == 6
+    # By default the pairs of default_pairs whose rows are both there.
+    assert [c.pair for c in paired_comparisons([base, full])] == [default_pairs()[0]]
+    assert paired_comparisons([base]) == []
+    with pytest.raises(ValueError, match=r"not in the results: \['refl'\]"):
+        paired_comparisons([full, base], [ConfigurationPair("full", "refl", "")])
+    with pytest.raises(ValueError, match="no comparisons"):
+        format_pairs_table([])
+
+
+def test_compare_pair_refuses_rows_of_other_images():
+    three = relation_rows([[True], [False], [True]], "full")
+    two = relation_rows([[True], [False]], "base")
+    with pytest.raises(ValueError, match="different prompts or seeds"):
+        compare_pair(three, two)
+    seeds = relation_rows([[True, False], [False, True], [True, True]], "base")
+    with pytest.raises(ValueError, match="different prompts or seeds"):
+        compare_pair(three, seeds)
+
+
+def test_default_pairs_compare_re_weighting_over_the_same_unet():
+    names = [(p.first, p.second) for p in default_pairs()]
+    for needed in [("full", "base"), ("reweight-grounded", "base"), ("full", "refl")]:
+        assert needed in names
+    for needed in [("reweight-true-masks", "base"), ("refl", "base")]:
+        assert needed in names
+    # With the reward-ranked UNet in "full", re-weighting's own contribution is over that UNet.
+    assert ("full", "ranked") in [(p.first, p.second) for p in default_pairs("unet-ranked")]
+    assert ("full", "refl") not in [(p.first, p.second) for p in default_pairs("unet-ranked")]
+    # Re-weighting's own contribution: the same UNet, re-weighting on in the first row and off in the second.
+    for first, second in [("reweight-grounded", "base"), ("full", "refl")]:
+        a, b = select_configurations([first, second])
+        assert a.unet_subfolder == b.unet_subfolder and (a.realign, a.masks, b.realign) == (True, "grounder", False)
+    ranked_full = [
+        ConfigurationResult(c, {}) for c in select_configurations(["full", "ranked", "refl"], "unet-ranked")
+    ]
+    assert [(p.first, p.second) for p in pairs_for(ranked_full)] == [("full", "ranked")]
+    with pytest.raises(ValueError, match="full_unet"):
+        default_pairs("unet")
