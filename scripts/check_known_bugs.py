@@ -108,9 +108,9 @@ KNOWN_BUGS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "re-weighting rows draw other noise": (
         "shapes/evaluate.py",
-        "[initial_noise(settings.seed, position, start + offset, shape) for offset in range(len(prompts))]",
-        "[initial_noise(settings.seed + configuration.realign, position, start + offset, shape)"
-        " for offset in range(len(prompts))]",
+        "[initial_noise(settings.seed, position, index, shape, seed_index) for index, seed_index in samples]",
+        "[initial_noise(settings.seed + configuration.realign, position, index, shape, seed_index)"
+        " for index, seed_index in samples]",
         EVAL_TESTS,
     ),
 }
