@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-main test-vision check-bugs lint env
+.PHONY: demo test test-main test-vision check-bugs lint env app-test-env
 
 # torch first, pinned to the CPU build on local disk: a plain `torch` requirement would pull a CUDA build.
 $(STAMP): setup.cfg pyproject.toml
@@ -26,10 +26,22 @@ env: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/realign demo --output outputs/demo
 
-test: check-bugs test-main test-vision
+test: check-bugs app-test-env test-main test-vision
 
 test-main: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not vision"
+
+# The app's browser test (tests/app/test_ui.py): gradio (the [app] extra), Playwright, and Chromium from the
+# distribution's packages where apt-get works (as root); without a browser that test skips and says why.
+APP_STAMP := $(VENV)/.installed-app
+$(APP_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet -e ".[app,llm,train,dev]" playwright
+	touch $(APP_STAMP)
+
+app-test-env: $(APP_STAMP)
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "app-test-env: no Chromium could be installed; the browser test will be skipped"
 
 test-vision:
 	bash scripts/make_vision_env.sh
