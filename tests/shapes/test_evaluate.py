@@ -774,24 +774,22 @@ def test_paired_difference_exact_values_on_a_hand_made_case():
     first = [[True, True], [True, False], [False, False]]
     second = [[False, True], [False, False], [False, False]]
     result = paired_difference(first, second)
-    half_width = 4.302652729749464 / 6  # t(0.975, 2 df) * se
-    assert result == PairedDifference(
-        pytest.approx(1 / 3), pytest.approx(1 / 3 - half_width), pytest.approx(1 / 3 + half_width), 3, 6
-    )
+    half_width = 4.302652729749464 / 6  # t(0.975, 2 df) * se; the upper bound 1/3 + 0.717 is clipped to 1
+    assert result == PairedDifference(pytest.approx(1 / 3), pytest.approx(1 / 3 - half_width), 1.0, 3, 6)
     # The difference is the difference of the pooled rates (3/6 - 1/6); swapping the rows flips the sign.
     swapped = paired_difference(second, first)
-    assert (swapped.difference, swapped.low, swapped.high) == pytest.approx(
-        (-1 / 3, -1 / 3 - half_width, -1 / 3 + half_width)
-    )
-    # The interval is over prompts, not images: the same 2 passes in 2 prompts x 4 seeds vs 8 prompts x 1 seed.
-    clustered = paired_difference([[1, 1, 0, 0], [0, 0, 0, 0]], [[0] * 4, [0] * 4])
-    spread = paired_difference([[1], [1], [0], [0], [0], [0], [0], [0]], [[0]] * 8)
-    assert clustered.difference == spread.difference == 0.25
-    # Clustered: per-prompt differences 1/2 and 0, sd sqrt(1/8), se 1/4, t(0.975, 1 df) = tan(0.475 pi).
-    assert clustered.high - clustered.low == pytest.approx(2 * math.tan(0.475 * math.pi) * 0.25)
+    assert (swapped.difference, swapped.low, swapped.high) == pytest.approx((-1 / 3, -1.0, -1 / 3 + half_width))
+    # The interval is over prompts, not images: the same 2 passes in 4 prompts x 4 seeds vs 16 prompts x 1 seed.
+    clustered = paired_difference([[1, 1, 0, 0]] + [[0] * 4] * 3, [[0] * 4] * 4)
+    spread = paired_difference([[1], [1]] + [[0]] * 14, [[0]] * 16)
+    assert clustered.difference == spread.difference == 0.125
+    # Clustered: per-prompt differences 1/2, 0, 0, 0: sd 1/4, se 1/8, t(0.975, 3 df) = 3.182446.
+    assert (clustered.low, clustered.high) == pytest.approx((0.125 - 3.182446305 / 8, 0.125 + 3.182446305 / 8))
     assert spread.high - spread.low < clustered.high - clustered.low
     # Identical rows: exactly zero with a zero-width interval; one prompt: no interval.
     assert paired_difference(first, first) == PairedDifference(0.0, 0.0, 0.0, 3, 6)
+    # With few prompts t is large, and the interval is clipped to the possible range [-1, 1].
+    assert paired_difference([[1], [0]], [[0], [0]]) == PairedDifference(0.5, -1.0, 1.0, 2, 2)
     alone = paired_difference([[True, False]], [[False, False]])
     assert alone.difference == 0.5 and math.isnan(alone.low) and math.isnan(alone.high)
     assert alone.as_dict() == {"difference": 0.5, "ci95": [None, None], "prompts": 1, "images": 2}
@@ -833,7 +831,7 @@ def test_compare_pair_and_its_table_on_a_hand_made_case():
     assert format_pairs_table([comparison]).splitlines() == [
         "| comparison | what it measures | relation (prompts=3, images=6) | all (prompts=3, images=6) |",
         "|---|---|---|---|",
-        "| full - base | the whole method | +33.3 [-38.4, +105.0] | +33.3 [-38.4, +105.0] |",
+        "| full - base | the whole method | +33.3 [-38.4, +100.0] | +33.3 [-38.4, +100.0] |",
     ]
     row = comparison.as_dict()
     assert (row["first"], row["second"], row["meaning"]) == ("full", "base", "the whole method")

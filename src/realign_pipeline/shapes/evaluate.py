@@ -226,7 +226,8 @@ def paired_difference(
     that image from the same noise. Each prompt gives one paired difference ``d_p = mean_s(first - second)``; the
     difference is ``mean_p d_p`` (the difference of the pooled pass rates, every prompt having the same number
     of seeds) and the interval is ``mean_p d_p +- t * sd(d_p) / sqrt(P)`` with ``t`` the two-sided Student
-    quantile for ``P - 1`` degrees of freedom.
+    quantile for ``P - 1`` degrees of freedom, clipped to [-1, 1] (a difference of two rates lies there, so the
+    clipped interval covers whenever the unclipped one does; with few prompts ``t`` is large and it matters).
 
     Why this interval: the seeds of one prompt share its difficulty, so its images are not independent draws
     and an interval over images would be too narrow; the prompts are the independent units. Pairing (the same
@@ -253,7 +254,7 @@ def paired_difference(
         low = high = math.nan
     else:
         half_width = student_t_quantile(confidence, prompts - 1) * float(per_prompt.std(ddof=1)) / math.sqrt(prompts)
-        low, high = difference - half_width, difference + half_width
+        low, high = max(-1.0, difference - half_width), min(1.0, difference + half_width)
     return PairedDifference(difference, low, high, prompts, prompts * seeds.pop())
 
 
