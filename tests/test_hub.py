@@ -13,14 +13,8 @@ from huggingface_hub import HfApi
 from peft import LoraConfig
 
 from realign_pipeline.cli import main
-from realign_pipeline.hub import (
-    STAGING_MARKER,
-    build_model_card,
-    build_upload_folder,
-    commit_operations,
-    save_lora_adapter,
-    save_unet,
-)
+from realign_pipeline.hub import STAGING_MARKER, build_model_card, build_upload_folder, commit_operations
+from realign_pipeline.training.export import save_lora_adapter, save_unet
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Save a caption-reward fine-tuned UNet and publish it to the Hugging Face Hub in one commit.
+"""Publish a caption-reward fine-tuned UNet to the Hugging Face Hub in one commit (the weights are written by
+``training/export.py``; this module builds the repository folder, its model card, and uploads it).
 
 Two kinds of repository:
 
@@ -19,19 +20,15 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData
 
 from .errors import UsageError
 
-if TYPE_CHECKING:  # torch and diffusers load where weights are handled, so `realign push --unet-only` is quick
-    import torch
-
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "training_summary.json"
-UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 REPO_TAGS = ["diffusers", "text-to-image", "realign-diff", "stable-diffusion"]
 # Written into every folder build_upload_folder makes (never uploaded): a later build may replace such a folder,
 # so a dry run's --staging-dir can be pushed with the same command line.
@@ -40,94 +37,6 @@ STAGING_MARKER = ".realign-staging"
 
 class HubError(RuntimeError):
     """The Hub could not be reached, or refused a request (authentication, permissions, a bad repo id)."""
-
-
-# -- saving --------------------------------------------------------------------------------------
-
-
-def has_lora(unet: torch.nn.Module) -> bool:
-    return bool(getattr(unet, "_hf_peft_config_loaded", False))
-
-
-def merged_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The UNet's state dict with every LoRA update folded into its base weight (the model is not
-    changed): ``W = W_0 + ΔW`` per adapted layer, LoRA tensors dropped, peft's key renaming undone."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    deltas: dict[str, torch.Tensor] = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, BaseTunerLayer):
-            delta = None
-            for adapter in module.active_adapters:
-                if adapter in getattr(module, "lora_A", {}):
-                    update = module.get_delta_weight(adapter)
-                    delta = update if delta is None else delta + update
-            if delta is not None:
-                deltas[f"{name}.weight"] = delta
-    merged: dict[str, torch.Tensor] = {}
-    for key, value in unet.state_dict().items():
-        if ".lora_" in key:
-            continue
-        clean = key.replace(".base_layer.", ".")
-        value = value.detach()
-        if clean in deltas:
-            value = value + deltas[clean].to(value.dtype)
-        merged[clean] = value.contiguous()
-    return merged
-
-
-def save_unet(
-    unet: torch.nn.Module,
-    folder: str | Path,
-    dtype: torch.dtype | None = None,
-    state_dict: Mapping[str, torch.Tensor] | None = None,
-) -> Path:
-    """Save ``unet`` (LoRA merged in, if it has one) as a diffusers UNet folder with safetensors.
-
-    ``state_dict`` replaces ``unet.state_dict()`` as the weights to write (``unet`` then gives only
-    the config): a trainer passes ``accelerator.get_state_dict(model)``, the gathered weights, since
-    under ZeRO-3 or FSDP the module itself holds only this process's shards. Not with a LoRA UNet,
-    whose merge reads the adapter from the module.
-    """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    if state_dict is not None and has_lora(unet):
-        raise ValueError("save_unet: state_dict cannot be combined with a LoRA UNet (the merge reads the module).")
-    if state_dict is not None:
-        expected = set(unet.state_dict())
-        if set(state_dict) != expected:
-            missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-            raise ValueError(
-                f"save_unet: state_dict keys do not match the UNet's "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})."
-            )
-        state = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    elif has_lora(unet):
-        state = merged_state_dict(unet)
-    else:
-        state = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    unet.save_config(folder)
-    save_file({k: v.cpu() for k, v in state.items()}, folder / UNET_WEIGHTS, metadata={"format": "pt"})
-    return folder
-
-
-def save_lora_adapter(unet: torch.nn.Module, folder: str | Path) -> Path:
-    """Save the LoRA adapter alone (``pytorch_lora_weights.safetensors``), loadable with
-    ``pipe.load_lora_weights(folder)``."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    if not has_lora(unet):
-        raise ValueError("This UNet has no LoRA adapter to save.")
-    folder = Path(folder)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(save_directory=folder, unet_lora_layers=layers, safe_serialization=True)
-    return folder
 
 
 # -- the folder to upload --------------------------------------------------------------------------
@@ -225,6 +134,100 @@ HYPERPARAMETERS = (
 )
 
 
+# The model card (huggingface_hub's ``ModelCard.from_template``, Jinja2); ``card_data`` is the YAML metadata.
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+Stable Diffusion ({{ base_name }}) fine-tuned for text-image alignment with caption rewards, the coarse stage of \
+RealignDiff (arXiv 2305.19599).
+{%- if method == "refl" %} Trained with reward feedback learning (ReFL, ImageReward arXiv 2304.05977) on a \
+differentiable caption reward, with the denoising loss as regulariser.
+{%- else %} Trained with reward-ranked fine-tuning (FineRewards' assemble learning, RAFT arXiv 2304.06767): samples \
+ranked by the sum of their ranks under each reward, the best kept and learned with the denoising loss, the best round \
+kept.
+{%- endif %}
+
+## Usage
+
+{% if unet_only -%}
+This repository holds only the fine-tuned UNet. Load it into the base pipeline:
+
+```python
+from realign_pipeline import RealignDiffPipeline
+
+pipe = RealignDiffPipeline.from_pretrained("{{ base_name }}", realign_unet="{{ repo_id }}")
+```
+
+or with diffusers alone:
+
+```python
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+unet = UNet2DConditionModel.from_pretrained("{{ repo_id }}", subfolder="unet")
+pipe = StableDiffusionPipeline.from_pretrained("{{ base_name }}", unet=unet)
+```
+{%- else -%}
+A complete Stable Diffusion pipeline with the fine-tuned UNet. Plain diffusers:
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{{ repo_id }}")
+```
+
+With RealignDiff's fine stage (mask-guided attention re-weighting), from the `pipeline.py` in this repository:
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{{ repo_id }}", custom_pipeline="{{ repo_id }}", trust_remote_code=True)
+image = pipe("a red book and a yellow vase").images[0]
+```
+{%- endif %}
+
+## Rewards
+
+{{ reward_table or "(not recorded)" }}
+
+## Training
+
+Prompt set: `{{ prompt_set }}` ({{ num_prompts }} prompts); {{ global_step }} optimizer steps.
+{%- if hyperparameter_table %}
+
+{{ hyperparameter_table }}
+{%- endif %}
+{%- if images %}
+
+## Samples (validation prompts, same seeds)
+{%- for label, path in images.items() %}
+
+**{{ label }}**
+
+![{{ label }}]({{ path }})
+{%- endfor %}
+{%- endif %}
+{%- if validation_table %}
+
+## Validation rewards
+
+{{ validation_table }}
+{%- endif %}
+{%- if eval_table %}
+
+## Evaluation
+
+{{ eval_table }}
+{%- endif %}
+
+## License
+
+`{{ license_name }}`, as the base model.
+"""
+
+
 def build_model_card(
     summary: Mapping[str, Any],
     repo_id: str,
@@ -235,7 +238,8 @@ def build_model_card(
     images: Mapping[str, str] | None = None,
 ) -> ModelCard:
     """The model card: metadata (base model, license, tags) and a body with usage, rewards and
-    their weights, hyperparameters, prompt set, before/after samples and evaluation tables."""
+    their weights, hyperparameters, prompt set, before/after samples and evaluation tables
+    (``MODEL_CARD_TEMPLATE``). Local absolute paths appear by their last part only."""
     config = {key: public_name(value) for key, value in summary.get("config", {}).items()}
     method = config.get("method", summary.get("method", "refl"))
     local_base = Path(base_model).is_absolute()
@@ -248,67 +252,30 @@ def build_model_card(
         tags=REPO_TAGS + (["lora"] if config.get("use_lora") else []) + [method.replace("_", "-")],
         inference=True,
     )
-    if unet_only:
-        usage = (
-            "This repository holds only the fine-tuned UNet. Load it into the base pipeline:\n\n"
-            "```python\nfrom realign_pipeline import RealignDiffPipeline\n\n"
-            f'pipe = RealignDiffPipeline.from_pretrained("{base_model}", realign_unet="{repo_id}")\n```\n\n'
-            "or with diffusers alone:\n\n```python\nfrom diffusers import StableDiffusionPipeline, "
-            "UNet2DConditionModel\n\n"
-            f'unet = UNet2DConditionModel.from_pretrained("{repo_id}", subfolder="unet")\n'
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", unet=unet)\n```'
-        )
-    else:
-        usage = (
-            "A complete Stable Diffusion pipeline with the fine-tuned UNet. Plain diffusers:\n\n"
-            "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
-            f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}")\n```\n\n'
-            "With RealignDiff's fine stage (mask-guided attention re-weighting), from the "
-            "`pipeline.py` in this repository:\n\n"
-            "```python\nfrom diffusers import DiffusionPipeline\n\n"
-            f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", custom_pipeline="{repo_id}", '
-            "trust_remote_code=True)\n"
-            'image = pipe("a red book and a yellow vase").images[0]\n```'
-        )
-    rewards = config.get("rewards", [])
     reward_rows = [
         {"reward": public_name(spec.get("label", spec.get("name"))), "weight": float(spec.get("weight", 1.0))}
-        for spec in rewards
+        for spec in config.get("rewards", [])
     ]
     hyper_rows = [{"setting": key, "value": json.dumps(config[key])} for key in HYPERPARAMETERS if key in config]
-    sections = [
-        f"# {repo_id.split('/')[-1]}",
-        f"Stable Diffusion ({base_model}) fine-tuned for text-image alignment with caption rewards, "
-        "the coarse stage of RealignDiff (arXiv 2305.19599). "
-        + (
-            "Trained with reward feedback learning (ReFL, ImageReward arXiv 2304.05977) on a differentiable "
-            "caption reward, with the denoising loss as regulariser."
-            if method == "refl"
-            else "Trained with reward-ranked fine-tuning (FineRewards' assemble learning, RAFT arXiv 2304.06767): "
-            "samples ranked by the sum of their ranks under each reward, the best kept and learned with the "
-            "denoising loss, the best round kept."
-        ),
-        "## Usage",
-        usage,
-        "## Rewards",
-        _markdown_table(reward_rows) or "(not recorded)",
-        "## Training",
-        f"Prompt set: `{config.get('prompts', 'unknown')}` ({summary.get('num_prompts', '?')} prompts); "
-        f"{summary.get('global_step', '?')} optimizer steps.",
-        _markdown_table(hyper_rows),
-    ]
-    if images:
-        sections.append("## Samples (validation prompts, same seeds)")
-        for label, path in images.items():
-            sections.append(f"**{label}**\n\n![{label}]({path})")
-    validation = summary.get("validation_table")
-    if validation:
-        sections += ["## Validation rewards", _markdown_table(validation)]
-    if eval_table:
-        sections += ["## Evaluation", eval_table.strip()]
-    sections += ["## License", f"`{license}`, as the base model."]
-    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
-    return ModelCard(content)
+    card = ModelCard.from_template(
+        card_data,
+        template_str=MODEL_CARD_TEMPLATE,
+        title=repo_id.split("/")[-1],
+        base_name=base_model,
+        method=method,
+        unet_only=unet_only,
+        repo_id=repo_id,
+        reward_table=_markdown_table(reward_rows),
+        prompt_set=config.get("prompts", "unknown"),
+        num_prompts=summary.get("num_prompts", "?"),
+        global_step=summary.get("global_step", "?"),
+        hyperparameter_table=_markdown_table(hyper_rows),
+        images=dict(images or {}),
+        validation_table=_markdown_table(summary.get("validation_table") or []),
+        eval_table=(eval_table or "").strip(),
+        license_name=license,
+    )
+    return card
 
 
 def build_upload_folder(

@@ -1299,6 +1299,12 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             normalised.append(checked)
         return normalised
 
+    def place_captions(self, prompt: str, texts: Sequence[str]) -> list[CaptionPlacement]:
+        """Each caption's words placed in the prompt (``place_caption``); the prompt's words are read once."""
+        prompt_words = words_with_token_positions(self.tokenizer, prompt)
+        max_length = self.tokenizer.model_max_length
+        return [place_caption(prompt_words, words_with_token_positions(self.tokenizer, t), max_length) for t in texts]
+
     def build_layout(
         self,
         prompt: str,
@@ -1306,19 +1312,22 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         masks: Sequence[torch.Tensor | None],
         sources: Sequence[str],
         strict: bool,
+        placements: Sequence[CaptionPlacement] | None = None,
     ) -> Layout:
-        """Place each caption's words in the prompt and pair them with masks.
+        """Pair each caption's place in the prompt with its mask.
 
-        ``strict`` (user-given regions): a caption that cannot be placed, or that is given twice,
-        raises ``ValueError``. Otherwise (captioner output) it is dropped with a warning. Empty masks
-        are always dropped with a warning. Every drop is listed in the layout. More than
-        ``max_regions()`` regions raise ``ValueError``.
+        ``placements`` are the captions' ``place_captions`` (computed here when not given: the coarse
+        pass has them already). ``strict`` (user-given regions): a caption that cannot be placed, or
+        that is given twice, raises ``ValueError``. Otherwise (captioner output) it is dropped with a
+        warning. Empty masks are always dropped with a warning. Every drop is listed in the layout.
+        More than ``max_regions()`` regions raise ``ValueError``.
         """
         max_length = self.tokenizer.model_max_length
-        prompt_words = words_with_token_positions(self.tokenizer, prompt)
+        if placements is None:
+            placements = self.place_captions(prompt, [c.text if isinstance(c, LocalCaption) else c for c in captions])
         layout = Layout(prompt=prompt, regions=[])
         seen: set[str] = set()
-        for caption, mask, source in zip(captions, masks, sources):
+        for caption, mask, source, placement in zip(captions, masks, sources, placements):
             text = caption.text if isinstance(caption, LocalCaption) else caption
             box = caption.box if isinstance(caption, LocalCaption) else None
             if text in seen:
@@ -1329,7 +1338,6 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                 layout.dropped.append(DroppedRegion(text, reason))
                 continue
             seen.add(text)
-            placement = place_caption(prompt_words, words_with_token_positions(self.tokenizer, text), max_length)
             reason = None
             if not placement.prompt_positions:
                 if placement.truncated_words:
@@ -1752,16 +1760,16 @@ class RealignDiffPipeline(StableDiffusionPipeline):
 
         # 1. Check every input before any expensive work.
         self.check_inputs(
-            prompt,
-            height,
-            width,
-            None,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            ip_adapter_image,
-            ip_adapter_image_embeds,
-            callback_on_step_end_tensor_inputs,
+            prompt=prompt,
+            height=height,
+            width=width,
+            callback_steps=None,  # the parent's deprecated argument; this call has no `callback_steps`
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             realign=realign,
             regions=regions,
             captioner=captioner,
@@ -2022,13 +2030,8 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             prompt = prompts[index // num_images_per_prompt]
             captions = self._checked_captions(captioner(image, prompt))
             texts = [c.text if isinstance(c, LocalCaption) else c for c in captions]
-            prompt_words = words_with_token_positions(self.tokenizer, prompt)
-            token_groups = [
-                place_caption(
-                    prompt_words, words_with_token_positions(self.tokenizer, text), self.tokenizer.model_max_length
-                ).prompt_positions
-                for text in texts
-            ]
+            placements = self.place_captions(prompt, texts)  # once: build_layout reads them too
+            token_groups = [placement.prompt_positions for placement in placements]
             placeable = [i for i, tokens in enumerate(token_groups) if tokens]
             attention_masks: list[torch.Tensor | None] = [None] * len(texts)
             for i, mask in zip(
@@ -2043,5 +2046,5 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                     if mask is not None:
                         masks[i] = mask_to_tensor(mask, height, width, argument="grounder mask")
                         sources[i] = getattr(grounder, "name", type(grounder).__name__)
-            layouts.append(self.build_layout(prompt, captions, masks, sources, strict=False))
+            layouts.append(self.build_layout(prompt, captions, masks, sources, strict=False, placements=placements))
         return layouts

@@ -49,6 +49,7 @@ def check_grounder_arguments(
     name: str,
     *,
     sam_checkpoint: str | os.PathLike | None = None,
+    sam_model_type: str | None = None,
     groundingdino_config: str | os.PathLike | None = None,
     groundingdino_checkpoint: str | os.PathLike | None = None,
 ) -> None:
@@ -57,6 +58,13 @@ def check_grounder_arguments(
         raise UsageError(f"`grounder` must be one of {GROUNDER_NAMES}, got {name!r}.")
     if name in ("attention", "grounding-sam"):
         return
+    if sam_model_type is not None:
+        from .grounding.segment_anything_backend import SEGMENT_ANYTHING_MODEL_TYPES
+
+        if sam_model_type not in SEGMENT_ANYTHING_MODEL_TYPES:
+            raise UsageError(
+                f"`sam_model_type` must be one of {SEGMENT_ANYTHING_MODEL_TYPES}, got {sam_model_type!r}."
+            )
     if name == "segment-anything" and sam_checkpoint is None:
         raise UsageError("`sam_checkpoint` is required for the 'segment-anything' grounder (a SAM .pth file).")
     if name == "groundingdino-py" and (groundingdino_config is None or groundingdino_checkpoint is None):
@@ -155,6 +163,7 @@ def load_grounder(
     check_grounder_arguments(
         name,
         sam_checkpoint=sam_checkpoint,
+        sam_model_type=sam_model_type,
         groundingdino_config=groundingdino_config,
         groundingdino_checkpoint=groundingdino_checkpoint,
     )

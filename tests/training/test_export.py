@@ -7,9 +7,8 @@ from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from realign_pipeline.hub import save_unet
 from realign_pipeline.training import TrainConfig
-from realign_pipeline.training.outputs import export_unet
+from realign_pipeline.training.export import export_unet, save_unet
 
 
 def test_a_full_fine_tune_is_exported_from_the_gathered_state_dict(toy_model, tmp_path, monkeypatch):

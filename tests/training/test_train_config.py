@@ -147,6 +147,19 @@ def test_train_finds_prompt_mistakes_before_any_model_loads(tmp_path, capsys):
     )
     train_fails_with(
         capsys,
+        ["train", "--config", str(config), "--set", "rewards=[{name: concept_matchin}]"],
+        "rewards[0]: unknown reward 'concept_matchin'; built in: concept_matching, caption, tags, or 'module:Name' "
+        "/ 'file.py:Name'",
+        output,
+    )
+    train_fails_with(
+        capsys,
+        ["train", "--config", str(config), "--set", "rewards=[{name: my_reward.py:Score}]"],
+        "rewards[0]: no such file 'my_reward.py' (in 'my_reward.py:Score')",
+        output,
+    )
+    train_fails_with(
+        capsys,
         ["train", "--config", str(config), "--set", "checkpointing_steps=0"],
         "--set: checkpointing_steps must be an integer >= 1, got 0",
         output,

@@ -11,7 +11,8 @@ never by decoding a label string (two captions may share every word but the colo
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import PIL.Image
 import torch
@@ -191,56 +192,63 @@ class GroundingDinoBoxDetector:
         """How many text tokens (special tokens included) the model reads in one prompt."""
         return int(getattr(self.model.config, "max_text_len", 256))
 
-    def prompt_chunks(self, captions: Sequence[str]) -> list[list[int]]:
-        """Caption indices grouped into prompts that fit the model's text length, in order.
-
-        One prompt holds all captions unless they exceed ``max_text_len`` tokens (256 for the released
-        checkpoints, some 40 captions): only then does the detector run more than once.
-        """
-        tokenizer = self.processor.tokenizer
-        lengths = [len(tokenizer(caption_phrase(c) + ".", add_special_tokens=False)["input_ids"]) for c in captions]
-        return split_by_token_budget(lengths, self.max_text_len() - 2)  # [CLS] and [SEP]
-
     @torch.no_grad()
     def __call__(self, image: PIL.Image.Image, captions: list[str]) -> list[BoxDetection | None]:
         """The best box for each caption, or ``None`` where no box passes both thresholds."""
         image = image.convert("RGB")
-        detections: list[BoxDetection | None] = [None] * len(captions)
-        if not captions:
-            return detections
-        for chunk in self.prompt_chunks(captions):
-            for index, detection in zip(chunk, self.detect_in_one_prompt(image, [captions[i] for i in chunk])):
-                detections[index] = detection
-        return detections
-
-    @torch.no_grad()
-    def detect_in_one_prompt(self, image: PIL.Image.Image, captions: list[str]) -> list[BoxDetection | None]:
-        """One forward pass for captions that fit one prompt."""
-        text, spans = detection_prompt(captions)
-        if not text:
-            return [None] * len(captions)
-        tokenizer = self.processor.tokenizer
-        offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
-        token_positions = caption_token_positions(offsets, spans)
-
-        inputs = self.processor(images=image, text=text, return_tensors="pt")
         parameter = next(self.model.parameters())
-        inputs = {
-            key: value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
-            for key, value in inputs.items()
-        }
-        outputs = self.model(**inputs)
-        probabilities = outputs.logits[0].float().sigmoid().cpu()
-        boxes = outputs.pred_boxes[0].float().cpu()
 
-        width, height = image.size
-        detections: list[BoxDetection | None] = []
-        for pick in best_box_per_caption(
-            probabilities, boxes, token_positions, self.box_threshold, self.text_threshold
-        ):
-            if pick is None:
-                detections.append(None)
-            else:
+        def forward(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+            inputs = self.processor(images=image, text=text, return_tensors="pt")
+            inputs = {
+                key: value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
+                for key, value in inputs.items()
+            }
+            outputs = self.model(**inputs)
+            return outputs.logits[0], outputs.pred_boxes[0]
+
+        return detect_boxes(
+            image,
+            captions,
+            self.processor.tokenizer,
+            self.max_text_len(),
+            forward,
+            self.box_threshold,
+            self.text_threshold,
+        )
+
+
+def detect_boxes(
+    image: PIL.Image.Image,
+    captions: Sequence[str],
+    tokenizer: Any,
+    max_text_len: int,
+    forward: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
+    box_threshold: float,
+    text_threshold: float,
+) -> list[BoxDetection | None]:
+    """Grounding DINO's detection loop, whichever code runs the model (transformers or groundingdino-py).
+
+    The captions go into as few prompts as fit ``max_text_len`` tokens (``"a red car. a cat."``; one prompt
+    unless there are some 40 captions), ``forward(prompt)`` gives the token logits ``(queries, tokens)`` and
+    normalised ``(cx, cy, w, h)`` boxes ``(queries, 4)`` for the image, and each caption takes its best box
+    (``best_box_per_caption``) in pixel ``(x0, y0, x1, y1)``, or ``None``.
+    """
+    detections: list[BoxDetection | None] = [None] * len(captions)
+    lengths = [len(tokenizer(caption_phrase(c) + ".", add_special_tokens=False)["input_ids"]) for c in captions]
+    for chunk in split_by_token_budget(lengths, max_text_len - 2):  # [CLS] and [SEP]
+        text, spans = detection_prompt([captions[i] for i in chunk])
+        if not text:
+            continue
+        offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        logits, boxes = forward(text)
+        probabilities, boxes = logits.float().sigmoid().cpu(), boxes.float().cpu()
+        picks = best_box_per_caption(
+            probabilities, boxes, caption_token_positions(offsets, spans), box_threshold, text_threshold
+        )
+        for index, pick in zip(chunk, picks):
+            if pick is not None:
                 query, score = pick
-                detections.append(BoxDetection(normalized_cxcywh_to_pixel_xyxy(boxes[query], width, height), score))
-        return detections
+                box = normalized_cxcywh_to_pixel_xyxy(boxes[query], image.width, image.height)
+                detections[index] = BoxDetection(box, score)
+    return detections

@@ -32,12 +32,7 @@ from .base import BoxDetection, import_optional, resolve_device
 from .boxes import (
     DEFAULT_BOX_THRESHOLD,
     DEFAULT_TEXT_THRESHOLD,
-    best_box_per_caption,
-    caption_phrase,
-    caption_token_positions,
-    detection_prompt,
-    normalized_cxcywh_to_pixel_xyxy,
-    split_by_token_budget,
+    detect_boxes,
 )
 from .segment_anything_backend import load_weights_only_checkpoint
 
@@ -276,32 +271,20 @@ class GroundingDinoPyBoxDetector:
     def __call__(self, image: PIL.Image.Image, captions: list[str]) -> list[BoxDetection | None]:
         """The best box for each caption, or ``None`` where no box passes both thresholds."""
         image = image.convert("RGB")
-        detections: list[BoxDetection | None] = [None] * len(captions)
-        if not captions:
-            return detections
-        tokenizer = self.model.tokenizer
-        lengths = [len(tokenizer(caption_phrase(c) + ".", add_special_tokens=False)["input_ids"]) for c in captions]
         pixel_values, _ = self.transform(image, None)
         parameter = next(self.model.parameters())
         pixel_values = pixel_values[None].to(parameter.device, parameter.dtype)
-        for chunk in split_by_token_budget(lengths, self.model.max_text_len - 2):
-            text, spans = detection_prompt([captions[i] for i in chunk])
-            if not text:
-                continue
-            offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+
+        def forward(text: str) -> tuple[torch.Tensor, torch.Tensor]:
             logits, boxes = self.model(pixel_values, [text])
-            probabilities = logits[0].float().sigmoid().cpu()
-            boxes = boxes[0].float().cpu()
-            picks = best_box_per_caption(
-                probabilities,
-                boxes,
-                caption_token_positions(offsets, spans),
-                self.box_threshold,
-                self.text_threshold,
-            )
-            for index, pick in zip(chunk, picks):
-                if pick is not None:
-                    query, score = pick
-                    box = normalized_cxcywh_to_pixel_xyxy(boxes[query], image.width, image.height)
-                    detections[index] = BoxDetection(box, score)
-        return detections
+            return logits[0], boxes[0]
+
+        return detect_boxes(
+            image,
+            captions,
+            self.model.tokenizer,
+            self.model.max_text_len,
+            forward,
+            self.box_threshold,
+            self.text_threshold,
+        )

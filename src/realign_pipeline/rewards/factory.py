@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UsageError
 from .base import Reward
 from .combine import WeightedSum
 
@@ -31,6 +32,39 @@ def import_object(reference: str) -> Any:
     else:
         module = importlib.import_module(module_part)
     return getattr(module, attribute)
+
+
+def reward_label(spec: Mapping[str, Any]) -> str:
+    """The name a reward is logged under: its ``label``, else its name (the class for ``module:Name``)."""
+    return spec.get("label", spec["name"].rpartition(":")[2] if ":" in spec["name"] else spec["name"])
+
+
+def check_reward_specs(specs: Sequence[Mapping[str, Any]]) -> None:
+    """The ``rewards`` option, checked without building anything: each a mapping with a known ``name`` (or an
+    existing ``file.py:Name``), a numeric ``weight``, and distinct labels. ``UsageError`` names the problem."""
+    if not specs:
+        raise UsageError("rewards must list at least one reward, e.g. [{name: concept_matching}]")
+    labels: set[str] = set()
+    for index, spec in enumerate(specs):
+        where = f"rewards[{index}]"
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+            raise UsageError(f"{where} must be a mapping with a name, e.g. {{name: concept_matching}}, got {spec!r}")
+        name = spec["name"]
+        if name not in BUILTIN_REWARDS and ":" not in name:
+            raise UsageError(
+                f"{where}: unknown reward {name!r}; built in: {', '.join(BUILTIN_REWARDS)}, or 'module:Name' / "
+                "'file.py:Name'"
+            )
+        module_part = name.rpartition(":")[0]
+        if module_part.endswith(".py") and not Path(module_part).is_file():
+            raise UsageError(f"{where}: no such file {module_part!r} (in {name!r})")
+        weight = spec.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise UsageError(f"{where}: weight must be a number, got {weight!r}")
+        label = reward_label(spec)
+        if label in labels:
+            raise UsageError(f"{where}: two rewards are called {label!r}; give one a distinct 'label'")
+        labels.add(label)
 
 
 def build_reward(spec: Mapping[str, Any], device: torch.device | str = "cpu") -> Reward:
@@ -76,7 +110,7 @@ def build_rewards(specs: Sequence[Mapping[str, Any]], device: torch.device | str
     rewards: dict[str, Reward] = {}
     weights: dict[str, float] = {}
     for spec in specs:
-        label = spec.get("label", spec["name"].rpartition(":")[2] if ":" in spec["name"] else spec["name"])
+        label = reward_label(spec)
         if label in rewards:
             raise ValueError(f"Two rewards are called {label!r}; give one a distinct 'label'.")
         rewards[label] = build_reward({k: v for k, v in spec.items() if k != "label"}, device=device)

@@ -38,12 +38,12 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ..errors import UsageError
-from ..hub import save_unet
 from ..options import read_options
 from ..training.checkpoint import latest_checkpoint
 from ..training.config import TrainConfig
 from ..training.data import write_captioned_images
-from ..training.outputs import TrainResult
+from ..training.export import save_unet
+from ..training.lifecycle import TrainResult
 from ..training.run import train
 from .command import METHODS, REGULARIZER_IMAGES, WORLD, add_world_finetune_arguments, run_world_finetune
 from .data import CATEGORIES, development_prompts, finetune_prompts, make_sample

@@ -10,7 +10,7 @@ from typing import Any
 _EXPORTS = {
     "PromptSampler": ".data",
     "TrainConfig": ".config",
-    "TrainResult": ".outputs",
+    "TrainResult": ".lifecycle",
     "average_ranks": ".reward_ranked",
     "latest_checkpoint": ".checkpoint",
     "list_checkpoints": ".checkpoint",

@@ -252,10 +252,13 @@ def config_replace(config: TrainConfig, **changes: Any) -> TrainConfig:
 
 
 def check_run_inputs(config: TrainConfig) -> None:
-    """The files a run reads, checked before any model loads: the prompt files (present, with at least
-    one prompt), the regulariser's folder and the checkpoint to resume from. ``UsageError`` names the option."""
+    """What a run reads, checked before any model loads: the rewards' names, the prompt files (present, with
+    at least one prompt), the regulariser's folder and the checkpoint to resume from. ``UsageError`` names the
+    option."""
+    from ..rewards.factory import check_reward_specs
     from .data import read_prompts
 
+    check_reward_specs(config.rewards)
     if not config.prompts:
         raise UsageError("prompts is not set: give a text file with one prompt per line, or hf:<dataset id>")
     for name in ("prompts", "validation_prompts"):

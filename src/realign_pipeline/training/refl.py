@@ -10,8 +10,9 @@ gradient, predict ``x̂0``, decode and score it, and minimise
 where the second term is the ordinary denoising loss on (image ``z``, caption ``c``) pairs: the
 paper's pretraining-loss regulariser, which ImageReward's public code leaves out.
 
-The file reads top to bottom like diffusers' ``train_text_to_image_lora.py``: accelerator,
-models, rewards, data, optimizer, resume, loop, save.
+The file reads top to bottom like diffusers' ``train_text_to_image_lora.py``: the set-up both trainers
+share (``lifecycle.start_run``: accelerator, models, rewards, prompts, optimizer, resume), ReFL's data,
+the loop, the wrap-up (``lifecycle.finish_run``).
 """
 
 from __future__ import annotations
@@ -19,19 +20,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..rewards.base import Reward
-from ..rewards.factory import build_rewards, import_object
+from ..rewards.factory import import_object
 from .attribute import AttributeConcentrationTerm
-from .checkpoint import load_checkpoint, register_lora_checkpoint_hooks, resolve_resume, save_checkpoint
+from .checkpoint import save_checkpoint
 from .common import (
     Components,
     decode_latents,
@@ -41,18 +40,13 @@ from .common import (
     encode_prompts,
     guided_noise_prediction,
     initial_latents,
-    load_components,
-    make_optimizer_and_scheduler,
     noised_batch,
-    place_components,
     predict_x0,
-    tracker_config,
-    trainable_parameters,
-    weight_dtype_for,
 )
 from .config import TrainConfig
-from .data import CaptionedImages, PromptSampler, read_prompts, step_generator
-from .outputs import TrainResult, finish_run, make_accelerator, prepare_regularizer, validate
+from .data import CaptionedImages, PromptSampler, step_generator
+from .lifecycle import TrainResult, finish_run, prepare_regularizer, resume, start_run
+from .validation import validate
 
 logger = logging.getLogger(__name__)
 
@@ -163,32 +157,22 @@ def train_refl(config: TrainConfig, reward: Reward | None = None) -> TrainResult
 
     ``reward`` overrides ``config.rewards`` (for Python callers with a reward object in hand).
     """
-    output_dir = Path(config.output_dir)
-    accelerator = make_accelerator(config)
-    set_seed(config.seed)  # same LoRA initialisation on every process
-    device = accelerator.device
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-
-    # Models: frozen VAE and text encoder in the compute dtype; trainable weights in float32.
-    components = load_components(config)
-    unet = components.unet
-    place_components(components, device, weight_dtype, use_lora=config.use_lora)
-    parameters = trainable_parameters(unet)
-
-    # Rewards.
-    reward = reward if reward is not None else build_rewards(config.rewards, device=device)
-    if not getattr(reward, "differentiable", False):
-        raise ValueError(
-            "ReFL back-propagates through the reward, so it needs a differentiable one (concept_matching); "
-            "for captions, tags and other non-differentiable rewards use method: reward_ranked."
-        )
+    run = start_run(
+        config,
+        reward,
+        total_steps=lambda prompts, num_processes: config.max_train_steps,
+        check_reward=require_differentiable,
+        use_ema=config.use_ema,
+    )
+    accelerator, components, unet, sampling_unet = run.accelerator, run.components, run.unet, run.sampling_unet
+    parameters, optimizer, lr_scheduler, ema = run.parameters, run.optimizer, run.lr_scheduler, run.ema
+    reward, device, weight_dtype, output_dir = run.reward, run.device, run.weight_dtype, run.output_dir
 
     # Data: prompts sharded by step and process; (image, caption) pairs for the regulariser.
-    prompts = read_prompts(config.prompts, config.prompt_split, config.prompt_column)
     prompt_sampler = PromptSampler(
-        prompts, config.train_batch_size, accelerator.num_processes, accelerator.process_index, config.seed
+        run.prompts, config.train_batch_size, accelerator.num_processes, accelerator.process_index, config.seed
     )
-    regularizer = prepare_regularizer(config, components, accelerator, prompts, weight_dtype)
+    regularizer = prepare_regularizer(run)
     attribute = None
     if config.attribute_concentration_weight > 0:
         grounder = None
@@ -199,32 +183,11 @@ def train_refl(config: TrainConfig, reward: Reward | None = None) -> TrainResult
             components.tokenizer, config.attribute_concentration_weight, grounder=grounder
         )
 
-    # Optimizer, LR schedule (accelerate steps a prepared scheduler once per process), EMA.
-    optimizer, lr_scheduler = make_optimizer_and_scheduler(
-        config, parameters, config.max_train_steps, accelerator.num_processes
-    )
-    ema = EMAModel(parameters, decay=config.ema_decay) if config.use_ema else None
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    if ema is not None:
-        # Not accelerator.register_for_checkpointing(ema): accelerate would unpickle it on resume
-        # (weights_only=False); save_checkpoint / load_checkpoint keep it as safetensors.
-        ema.to(device)
-    if config.use_lora:
-        register_lora_checkpoint_hooks(accelerator)
-    sampling_unet = accelerator.unwrap_model(unet)
-
-    # Resume: weights, optimizer, LR scheduler, EMA, RNG states and the step count.
-    global_step = 0
-    checkpoint = resolve_resume(config.resume_from_checkpoint, output_dir)
-    if checkpoint is not None:
-        global_step = load_checkpoint(accelerator, checkpoint, ema=ema)["step"]
-        logger.info(f"Resumed from {checkpoint} at step {global_step}.")
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers(config.tracker_project_name, config=tracker_config(config))
+    state = resume(run)  # after every set-up step that draws random numbers
+    global_step = state["step"] if state is not None else 0
     history: dict[str, Any] = {}
     if global_step == 0:
-        history["before"] = validate(config, components, sampling_unet, reward, accelerator, weight_dtype, "before", 0)
+        history["before"] = validate(run, "before", 0)
 
     progress = tqdm(
         total=config.max_train_steps,
@@ -275,26 +238,23 @@ def train_refl(config: TrainConfig, reward: Reward | None = None) -> TrainResult
                 )
             if config.validation_steps and global_step % config.validation_steps == 0:
                 with _ema_weights(ema, parameters):
-                    tag = f"step-{global_step}"
-                    validate(config, components, sampling_unet, reward, accelerator, weight_dtype, tag, global_step)
+                    validate(run, f"step-{global_step}", global_step)
     progress.close()
 
     finished = global_step >= config.max_train_steps
     if finished and ema is not None:
         ema.copy_to(parameters)
-    return finish_run(
-        config,
-        accelerator,
-        components,
-        sampling_unet,
-        reward,
-        weight_dtype,
-        global_step,
-        finished,
-        history,
-        prompts,
-        prepared_unet=unet,
-    )
+    return finish_run(run, global_step, finished, history)
+
+
+def require_differentiable(reward: Reward) -> Reward:
+    """ReFL back-propagates through the reward: refuse one that is not differentiable, before any step."""
+    if not getattr(reward, "differentiable", False):
+        raise ValueError(
+            "ReFL back-propagates through the reward, so it needs a differentiable one (concept_matching); "
+            "for captions, tags and other non-differentiable rewards use method: reward_ranked."
+        )
+    return reward
 
 
 class _ema_weights:

@@ -27,29 +27,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..rewards.base import Reward
 from ..rewards.combine import WeightedSum
-from ..rewards.factory import build_rewards
-from .checkpoint import load_checkpoint, register_lora_checkpoint_hooks, resolve_resume, save_checkpoint
+from .checkpoint import save_checkpoint
 from .common import (
     denoising_loss,
     encode_prompts,
     generate,
-    load_components,
-    make_optimizer_and_scheduler,
     noised_batch,
-    place_components,
-    tracker_config,
-    trainable_parameters,
-    weight_dtype_for,
 )
 from .config import TrainConfig
-from .data import read_prompts, step_generator
-from .outputs import TrainResult, finish_run, make_accelerator, validate
+from .data import step_generator
+from .lifecycle import TrainResult, finish_run, resume, start_run
+from .validation import validate
 
 logger = logging.getLogger(__name__)
 
@@ -118,61 +111,51 @@ def _load_best(unet: torch.nn.Module, output_dir: Path) -> None:
 
 def train_reward_ranked(config: TrainConfig, reward: Reward | None = None) -> TrainResult:
     """Run reward-ranked learning as ``config`` says (``ranked_*`` options); resumes per round."""
-    output_dir = Path(config.output_dir)
-    accelerator = make_accelerator(config)
-    set_seed(config.seed)
-    device = accelerator.device
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    num_processes, process_index = accelerator.num_processes, accelerator.process_index
 
-    components = load_components(config)
-    unet = components.unet
-    place_components(components, device, weight_dtype, use_lora=config.use_lora)
-    parameters = trainable_parameters(unet)
+    def micro_steps_per_round(prompts: list[str], num_processes: int) -> int:
+        prompts_per_process = len(round_prompts(prompts, config, 1, num_processes)) // num_processes
+        kept_per_process = prompts_per_process * config.ranked_keep_per_prompt
+        micro_steps_per_epoch = math.ceil(kept_per_process / config.train_batch_size)
+        # Whole accumulation cycles per round, so no half-accumulated gradient leaks into the next round.
+        micro_steps = micro_steps_per_epoch * config.ranked_epochs_per_round
+        return math.ceil(micro_steps / config.gradient_accumulation_steps) * config.gradient_accumulation_steps
 
-    reward = reward if reward is not None else build_rewards(config.rewards, device=device)
-    if not isinstance(reward, WeightedSum):
-        reward = WeightedSum({"reward": reward})
+    def total_steps(prompts: list[str], num_processes: int) -> int:
+        return (
+            micro_steps_per_round(prompts, num_processes)
+            // config.gradient_accumulation_steps
+            * (config.ranked_rounds)
+        )
 
-    prompts = read_prompts(config.prompts, config.prompt_split, config.prompt_column)
-    prompts_per_process = len(round_prompts(prompts, config, 1, num_processes)) // num_processes
-    kept_per_process = prompts_per_process * config.ranked_keep_per_prompt
-    micro_steps_per_epoch = math.ceil(kept_per_process / config.train_batch_size)
-    # Whole accumulation cycles per round, so no half-accumulated gradient leaks into the next round.
-    micro_steps_per_round = micro_steps_per_epoch * config.ranked_epochs_per_round
-    micro_steps_per_round = math.ceil(micro_steps_per_round / config.gradient_accumulation_steps) * (
-        config.gradient_accumulation_steps
+    run = start_run(config, reward, total_steps=total_steps, check_reward=as_weighted_sum)
+    accelerator, components, unet, sampling_unet = run.accelerator, run.components, run.unet, run.sampling_unet
+    parameters, optimizer, lr_scheduler = run.parameters, run.optimizer, run.lr_scheduler
+    reward, device, weight_dtype, output_dir, prompts = (
+        run.reward,
+        run.device,
+        run.weight_dtype,
+        run.output_dir,
+        run.prompts,
     )
-    steps_per_round = micro_steps_per_round // config.gradient_accumulation_steps
-    total_steps = steps_per_round * config.ranked_rounds
-
-    optimizer, lr_scheduler = make_optimizer_and_scheduler(config, parameters, total_steps, num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    if config.use_lora:
-        register_lora_checkpoint_hooks(accelerator)
-    sampling_unet = accelerator.unwrap_model(unet)
+    num_processes, process_index = accelerator.num_processes, accelerator.process_index
+    micro_steps = micro_steps_per_round(prompts, num_processes)
 
     global_step, done_rounds, best_round, best_score = 0, 0, 0, -math.inf
-    checkpoint = resolve_resume(config.resume_from_checkpoint, output_dir)
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
+    state = resume(run)
+    if state is not None:
         global_step, done_rounds = state["step"], state["round"]
         best_round, best_score = state["best_round"], state["best_score"]
-        logger.info(f"Resumed from {checkpoint}: {done_rounds} rounds done, best so far round {best_round}.")
+        logger.info(f"{done_rounds} rounds done, best so far round {best_round}.")
 
-    if accelerator.is_main_process:
-        accelerator.init_trackers(config.tracker_project_name, config=tracker_config(config))
     if done_rounds == 0:
         # Round 0 is the base model: fine-tuning must beat it to be kept.
-        best_score = validate(config, components, sampling_unet, reward, accelerator, weight_dtype, "before", 0)[
-            "total"
-        ]
+        best_score = validate(run, "before", 0)["total"]
         if accelerator.is_main_process:
             _save_best(sampling_unet, output_dir)
         accelerator.wait_for_everyone()
 
     progress = tqdm(
-        total=total_steps,
+        total=total_steps(prompts, num_processes),
         initial=global_step,
         desc="reward-ranked steps",
         disable=not accelerator.is_local_main_process,
@@ -205,7 +188,7 @@ def train_reward_ranked(config: TrainConfig, reward: Reward | None = None) -> Tr
 
         # 2. Fine-tune on the kept samples with the denoising loss.
         round_losses = []
-        for micro in range(micro_steps_per_round):
+        for micro in range(micro_steps):
             epoch, position = divmod(micro * config.train_batch_size, len(kept))
             generator = step_generator(config.seed, round_index, micro, process_index)
             order = torch.randperm(len(kept), generator=step_generator(config.seed, round_index, epoch, 99))
@@ -229,9 +212,7 @@ def train_reward_ranked(config: TrainConfig, reward: Reward | None = None) -> Tr
                 accelerator.log({"loss": loss.item(), "round": round_index}, step=global_step)
 
         # 3. Evaluate; keep the best round's weights.
-        means = validate(
-            config, components, sampling_unet, reward, accelerator, weight_dtype, f"round-{round_index}", global_step
-        )
+        means = validate(run, f"round-{round_index}", global_step)
         if means["total"] > best_score:
             best_round, best_score = round_index, means["total"]
             if accelerator.is_main_process:
@@ -259,16 +240,14 @@ def train_reward_ranked(config: TrainConfig, reward: Reward | None = None) -> Tr
         _load_best(sampling_unet, output_dir)
         logger.info(f"Keeping round {best_round} (validation reward {best_score:.4f}).")
     return finish_run(
-        config,
-        accelerator,
-        components,
-        sampling_unet,
-        reward,
-        weight_dtype,
+        run,
         global_step,
         bool(finished),
         {"best_round": best_round, "best_score": best_score, "rounds": rounds},
-        prompts,
         extra_summary={"best_round": best_round, "best_validation_reward": best_score},
-        prepared_unet=unet,
     )
+
+
+def as_weighted_sum(reward: Reward) -> WeightedSum:
+    """Ranking reads each reward's scores by name: a single reward becomes a sum with one term."""
+    return reward if isinstance(reward, WeightedSum) else WeightedSum({"reward": reward})

@@ -14,7 +14,7 @@ from .config import TrainConfig, check_run_inputs, load_config
 
 if TYPE_CHECKING:
     from ..rewards.base import Reward
-    from .outputs import TrainResult
+    from .lifecycle import TrainResult
 
 
 def train(config: TrainConfig, reward: Reward | None = None) -> TrainResult:
