@@ -131,23 +131,11 @@ def setup(resolution: int):
 def gradient_part(config, components, reward, optimizer, step: int) -> float:
     """Seconds for the part of a ReFL step that checkpointing changes: the UNet call with gradient,
     x0, VAE decode, reward, backward and the optimizer step."""
-    import torch
 
     from realign_pipeline.training import refl_loss, step_generator
 
     start = time.perf_counter()
-    loss, _, _ = refl_loss(
-        config,
-        components,
-        components.unet,
-        components.unet,
-        reward,
-        ["a red book and a yellow vase"],
-        None,
-        step_generator(0, step),
-        torch.device("cpu"),
-        torch.float32,
-    )
+    loss, _, _ = refl_loss(config, components, reward, ["a red book and a yellow vase"], step_generator(0, step))
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()

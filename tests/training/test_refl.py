@@ -41,18 +41,7 @@ def test_the_caption_reward_gradient_reaches_only_the_lora_weights(toy_config, t
     config = TrainConfig(**toy_config(use_lora=True, guidance_scale=3.0, reward_threshold=0.0))
     components = load_components(config)
     reward = ConceptMatchingReward.from_pretrained(blip)
-    loss, logs, scores = refl_loss(
-        config,
-        components,
-        components.unet,
-        components.unet,
-        reward,
-        ["a red book", "a blue car"],
-        None,
-        step_generator(0, 0, 0),
-        torch.device("cpu"),
-        torch.float32,
-    )
+    loss, logs, scores = refl_loss(config, components, reward, ["a red book", "a blue car"], step_generator(0, 0, 0))
     assert logs["reward"] < 0 and loss.item() > 0
     loss.backward()
     lora = {n: p for n, p in components.unet.named_parameters() if "lora" in n}
@@ -90,19 +79,7 @@ def test_attribute_concentration_term_alone_trains_the_lora(toy_config, with_gro
     assert term.token_groups(prompts[0])[0] == ["a red book", "a blue car"]
 
     reward = import_object(f"{TOY_REWARDS}:Brightness")()
-    loss, logs, _ = refl_loss(
-        config,
-        components,
-        components.unet,
-        components.unet,
-        reward,
-        prompts,
-        None,
-        step_generator(0, 0, 0),
-        torch.device("cpu"),
-        torch.float32,
-        term,
-    )
+    loss, logs, _ = refl_loss(config, components, reward, prompts, step_generator(0, 0, 0), attribute=term)
     assert logs["reward_loss"] == 0 and logs["attribute_concentration_loss"] > 0
     loss.backward()
     lora_grads = [p.grad for n, p in components.unet.named_parameters() if "lora" in n]

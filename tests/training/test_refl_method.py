@@ -106,10 +106,7 @@ def fake_setup(toy_config):
 
 
 def run_refl(config, components, reward, seed=0, regularizer=None):
-    unet = components.unet
-    return refl_loss(
-        config, components, unet, unet, reward, PROMPTS, regularizer, step_generator(seed, 0, 0), "cpu", torch.float32
-    )
+    return refl_loss(config, components, reward, PROMPTS, step_generator(seed, 0, 0), regularizer=regularizer)
 
 
 def test_guided_noise_prediction_is_classifier_free_guidance():
@@ -281,10 +278,7 @@ class FakeAttributeTerm:
 def test_attribute_concentration_reads_the_conditional_rows_and_adds_its_loss(fake_setup, guidance_scale, rows):
     config, components = fake_setup(guidance_scale=guidance_scale)
     term, reward = FakeAttributeTerm(), RecordingReward()
-    unet = components.unet
-    loss, logs, _ = refl_loss(
-        config, components, unet, unet, reward, PROMPTS, None, step_generator(0, 0, 0), "cpu", torch.float32, term
-    )
+    loss, logs, _ = refl_loss(config, components, reward, PROMPTS, step_generator(0, 0, 0), attribute=term)
     assert term.rows == rows
     reward_term = 0.5 * F.relu(-reward.scores.detach()).mean().item()
     assert logs["attribute_concentration_loss"] == 0.25

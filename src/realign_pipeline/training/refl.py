@@ -69,22 +69,26 @@ def reward_feedback_loss(scores: torch.Tensor, threshold: float, weight: float) 
 def refl_loss(
     config: TrainConfig,
     components: Components,
-    unet: torch.nn.Module,
-    sampling_unet: torch.nn.Module,
     reward: Reward,
     prompts: list[str],
-    regularizer: CaptionedImages | None,
     generator: torch.Generator,
-    device: torch.device,
-    dtype: torch.dtype,
+    *,
+    unet: torch.nn.Module | None = None,
+    sampling_unet: torch.nn.Module | None = None,
+    regularizer: CaptionedImages | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
     attribute: AttributeConcentrationTerm | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """One micro-batch of ReFL: returns ``(loss, logs, reward scores)``.
 
-    ``unet`` is the (possibly DDP-wrapped) model that takes the gradient step; ``sampling_unet`` the
-    same weights unwrapped, for the no-gradient part (no needless DDP bookkeeping there).
-    ``attribute`` adds CoMat's attribute-concentration loss on the gradient step's cross-attention.
+    ``unet`` (default ``components.unet``) is the (possibly DDP-wrapped) model that takes the gradient
+    step; ``sampling_unet`` (default ``unet``) the same weights unwrapped, for the no-gradient part (no
+    needless DDP bookkeeping there). ``regularizer`` adds the denoising loss on its (image, caption)
+    pairs; ``attribute`` CoMat's attribute-concentration loss on the gradient step's cross-attention.
     """
+    unet = unet if unet is not None else components.unet
+    sampling_unet = sampling_unet if sampling_unet is not None else unet
     sampler = components.sampler
     sampler.set_timesteps(config.num_inference_steps, device=device)
     grad_index = draw_refl_step(config.refl_step_range, generator)
@@ -205,15 +209,15 @@ def train_refl(config: TrainConfig, reward: Reward | None = None) -> TrainResult
                 loss, logs, scores = refl_loss(
                     config,
                     components,
-                    unet,
-                    sampling_unet,
                     reward,
                     batch_prompts,
-                    regularizer,
                     generator,
-                    device,
-                    weight_dtype,
-                    attribute,
+                    unet=unet,
+                    sampling_unet=sampling_unet,
+                    regularizer=regularizer,
+                    device=device,
+                    dtype=weight_dtype,
+                    attribute=attribute,
                 )
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
