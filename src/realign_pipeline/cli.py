@@ -457,9 +457,11 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the judged ablation table of RealignDiff on the shapes world",
         description="Generate the shapes world's evaluation prompts with each configuration (base UNet, attention "
         "re-weighting with attention-map, grounded or true masks, fine-tuned UNets, both), judge every image with the "
-        "rule-based judge, and print a Markdown table of accuracies with 95% Wilson intervals. Every "
-        "configuration draws the same prompts from the same initial noise. Fine-tuned UNets are read from "
-        "subfolders of --world (unet-refl, unet-ranked), made by python -m realign_pipeline.shapes.finetune.",
+        "rule-based judge, and print a Markdown table of accuracies with 95% Wilson intervals, then paired "
+        "differences between rows with 95% intervals over prompts. Every configuration draws the same prompts and "
+        "seeds from the same initial noise. Each finished row is saved in --output/checkpoints; run the same command "
+        "again to resume after a kill. Fine-tuned UNets are read from subfolders of --world (unet-refl, "
+        "unet-ranked), made by python -m realign_pipeline.shapes.finetune.",
     )
     parser.add_argument(
         "--world", type=Path, default=BUILTIN_WORLD, help="shapes-world pipeline folder (default: the built-in one)"
@@ -555,7 +557,7 @@ def run_eval(args: argparse.Namespace) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    results = run_evaluation(args.world, configurations, settings)
+    results = run_evaluation(args.world, configurations, settings, checkpoints=args.output / "checkpoints")
     paths = write_report(results, settings, args.world, args.output)
     print(format_table(results))
     print(

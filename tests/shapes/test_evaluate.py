@@ -38,6 +38,7 @@ from realign_pipeline.shapes.evaluate import (
     PairedDifference,
     category_result,
     check_world,
+    checkpoint_key,
     compare_pair,
     default_pairs,
     evaluation_prompt_sets,
@@ -280,6 +281,14 @@ def test_realign_eval_end_to_end(tmp_path, capsys):
             assert comparison["categories"][name]["difference"] == pytest.approx(rates[0] - rates[1])
     assert (output / "table.md").read_text().strip() == report["table"]
     assert report["table"].count("| comparison |") == 1
+    # Every row was saved; the same command again reads them back (a resumed run) to the same report.
+    assert sorted(path.stem for path in (output / "checkpoints").glob("*.json")) == sorted(configurations)
+    main([*eval_args(world, output), "--seeds", "2", "--configurations", *configurations])
+    resumed = json.loads((output / "results.json").read_text())
+    assert resumed["table"] == report["table"] and resumed["paired"] == report["paired"]
+    for row, again in zip(report["results"], resumed["results"], strict=True):
+        for name in EVAL_CATEGORIES:
+            assert row["categories"][name]["records"] == again["categories"][name]["records"]
     for name in configurations:
         sheet = PIL.Image.open(output / f"contact-sheet-{name}.png")
         assert sheet.height > 3 * 64  # one row of images per category
@@ -874,3 +883,50 @@ def test_default_pairs_compare_re_weighting_over_the_same_unet():
     assert [(p.first, p.second) for p in pairs_for(ranked_full)] == [("full", "ranked")]
     with pytest.raises(ValueError, match="full_unet"):
         default_pairs("unet")
+
+
+def test_run_evaluation_resumes_rows_from_their_checkpoints(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    settings = EvalSettings(prompts_per_category=1, num_inference_steps=1, seeds=1)
+    configurations = select_configurations(["base", "reweight-true-masks"])
+    first = run_evaluation(BUILTIN_WORLD, configurations, settings, progress=False, checkpoints=checkpoints)
+    assert sorted(path.name for path in checkpoints.glob("*.json")) == ["base.json", "reweight-true-masks.json"]
+    # A saved row is read back, not generated: a marker planted in its file comes back.
+    saved = json.loads((checkpoints / "base.json").read_text())
+    saved["categories"]["binding"]["passed"] = 99
+    (checkpoints / "base.json").write_text(json.dumps(saved))
+    (checkpoints / "reweight-true-masks.json").unlink()  # as if killed while drawing this row
+    again = run_evaluation(BUILTIN_WORLD, configurations, settings, progress=False, checkpoints=checkpoints)
+    assert again[0].categories["binding"].passed == 99
+    assert again[0].categories["count"].records == first[0].categories["count"].records
+    for category, samples in first[0].samples.items():
+        for (image, passed), (back, back_passed) in zip(samples, again[0].samples[category], strict=True):
+            assert np.array_equal(np.asarray(image), np.asarray(back)) and passed == back_passed
+    # The row without a checkpoint is drawn again, to the same verdicts, and saved.
+    assert [r.records for r in again[1].categories.values()] == [r.records for r in first[1].categories.values()]
+    assert (checkpoints / "reweight-true-masks.json").is_file()
+    # Other settings do not match the checkpoint (the batch size aside): the row is drawn again.
+    other = run_evaluation(
+        BUILTIN_WORLD,
+        configurations[:1],
+        EvalSettings(prompts_per_category=1, num_inference_steps=2, seeds=1),
+        progress=False,
+        checkpoints=checkpoints,
+    )
+    assert other[0].categories["binding"].passed <= 1
+    assert checkpoint_key(BUILTIN_WORLD, configurations[0], settings) == checkpoint_key(
+        BUILTIN_WORLD,
+        configurations[0],
+        EvalSettings(prompts_per_category=1, num_inference_steps=1, seeds=1, batch_size=3),
+    )
+
+
+def test_checkpoint_key_changes_with_the_unet_files(tmp_path):
+    world = copy_world(tmp_path / "world")
+    base = select_configurations(["base"])[0]
+    before = checkpoint_key(world, base, EvalSettings())
+    assert set(before["unet_files"]) == {"config.json", "diffusion_pytorch_model.safetensors"}
+    config = world / "unet" / "config.json"
+    config.write_text(config.read_text() + "\n")
+    assert checkpoint_key(world, base, EvalSettings())["unet_files"] != before["unet_files"]
+    assert checkpoint_key(world, base, EvalSettings(seeds=2))["settings"]["seeds"] == 2

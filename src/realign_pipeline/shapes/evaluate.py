@@ -23,6 +23,7 @@ else in the project reads them; choices (weights, settings) are made on the ``de
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -609,33 +610,107 @@ def run_configuration(
     return ConfigurationResult(configuration, categories, contact)
 
 
+def checkpoint_key(world: str | Path, configuration: EvalConfiguration, settings: EvalSettings) -> dict:
+    """What a row's images depend on: the configuration, the settings (the batch size aside: each image's noise
+    is its own) and the SHA-256 of every file of its UNet folder, so a retrained UNet is not taken for the old."""
+    unet = Path(world) / configuration.unet_subfolder
+    digests = {
+        path.relative_to(unet).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(unet.rglob("*"))
+        if path.is_file()
+    }
+    return {
+        "configuration": asdict(configuration),
+        "settings": {name: value for name, value in asdict(settings).items() if name != "batch_size"},
+        "unet_files": digests,
+    }
+
+
+def save_checkpoint(folder: str | Path, result: ConfigurationResult, key: dict) -> Path:
+    """Write a finished row to ``folder``: ``<name>.json`` (its key, counts, records) and its contact-sheet
+    images as PNGs; the JSON is written last, through a temporary file, so a killed run leaves no half row."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = result.configuration.name
+    samples = {}
+    for category, images in result.samples.items():
+        samples[category] = []
+        for k, (image, passed) in enumerate(images):
+            image_name = f"{name}-{category}-{k}.png"
+            image.save(folder / image_name)
+            samples[category].append({"image": image_name, "passed": passed})
+    state = {
+        "key": key,
+        "categories": {category: asdict(r) for category, r in result.categories.items()},
+        "samples": samples,
+    }
+    path = folder / f"{name}.json"
+    partial = folder / f"{name}.json.partial"
+    partial.write_text(json.dumps(state) + "\n")
+    partial.replace(path)
+    return path
+
+
+def load_checkpoint(folder: str | Path, configuration: EvalConfiguration, key: dict) -> ConfigurationResult | None:
+    """The row saved by ``save_checkpoint`` if its key is ``key``; ``None`` if there is none or it was made
+    with other settings, another configuration or another UNet."""
+    path = Path(folder) / f"{configuration.name}.json"
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if state["key"] != json.loads(json.dumps(key)):  # compare as JSON (tuples become lists)
+        return None
+    categories = {category: CategoryResult(**fields) for category, fields in state["categories"].items()}
+    samples = {
+        category: [(PIL.Image.open(Path(folder) / s["image"]).convert("RGB"), s["passed"]) for s in images]
+        for category, images in state["samples"].items()
+    }
+    return ConfigurationResult(configuration, categories, samples)
+
+
 def run_evaluation(
     world: str | Path,
     configurations: Sequence[EvalConfiguration],
     settings: EvalSettings | None = None,
     progress: bool = True,
+    checkpoints: str | Path | None = None,
 ) -> list[ConfigurationResult]:
     """Run every configuration on the split's prompts; results come back in the order of ``configurations``.
 
     The world folder is checked first, so a missing fine-tuned UNet fails before anything is
     generated. Each distinct UNet subfolder is loaded once and serves all rows that use it.
+    With ``checkpoints`` (a folder), each finished row is saved there and a row already saved with the same
+    ``checkpoint_key`` is read back instead of generated, so a killed run resumes at the row it was in.
     """
     settings = settings or EvalSettings()
     check_world(world, configurations)
     prompt_sets = evaluation_prompt_sets(settings.split, settings.prompts_per_category)
     batches_per_configuration = len(_batches(prompt_sets, settings.batch_size, settings.seeds))
     results: dict[str, ConfigurationResult] = {}
+    keys = {c.name: checkpoint_key(world, c, settings) for c in configurations} if checkpoints is not None else {}
+    if checkpoints is not None:
+        for configuration in configurations:
+            saved = load_checkpoint(checkpoints, configuration, keys[configuration.name])
+            if saved is not None:
+                results[configuration.name] = saved
     with tqdm(
-        total=batches_per_configuration * len(configurations), desc="realign eval", unit="batch", disable=not progress
+        total=batches_per_configuration * len(configurations),
+        initial=batches_per_configuration * len(results),
+        desc="realign eval",
+        unit="batch",
+        disable=not progress,
     ) as bar:
         for unet_subfolder in dict.fromkeys(configuration.unet_subfolder for configuration in configurations):
+            rows = [c for c in configurations if c.unet_subfolder == unet_subfolder and c.name not in results]
+            if not rows:
+                continue  # every row of this UNet was read back from its checkpoint
             pipe = load_pipeline(world, unet_subfolder, settings.device)
-            for configuration in configurations:
-                if configuration.unet_subfolder == unet_subfolder:
-                    bar.set_postfix_str(configuration.name)
-                    results[configuration.name] = run_configuration(
-                        pipe, configuration, prompt_sets, settings, on_batch=lambda: bar.update(1)
-                    )
+            for configuration in rows:
+                bar.set_postfix_str(configuration.name)
+                result = run_configuration(pipe, configuration, prompt_sets, settings, on_batch=lambda: bar.update(1))
+                if checkpoints is not None:
+                    save_checkpoint(checkpoints, result, keys[configuration.name])
+                results[configuration.name] = result
             del pipe  # the next UNet's pipeline replaces it rather than sitting beside it
     return [results[configuration.name] for configuration in configurations]
 
