@@ -1,10 +1,11 @@
 """The page in a real browser: headless Chromium (the distribution's package) driven by Playwright, against
 ``python -m realign_pipeline.app`` started on a free loopback port.
 
-One session drafts, realigns, tries a caption that is not in the prompt, renames, deletes, paints a region, adds a
-box, changes the re-weighting, realigns again, downloads the layout file and saves a screenshot; a second session
-starts empty and restores that file without touching the first. ``REALIGN_APP_SCREENSHOT`` names where the
-screenshot goes (``docs/app-screenshot.png`` for the README); by default a temporary folder.
+One session drafts, realigns (both passes' progress bars show), tries a caption that is not in the prompt,
+renames, deletes, paints a region, adds a box, changes the re-weighting, realigns again, downloads the layout file
+and saves a screenshot; a second session starts empty and restores that file without touching the first.
+``REALIGN_APP_SCREENSHOT`` names where the screenshot goes (``docs/app-screenshot.png`` for the README); by
+default a temporary folder.
 """
 
 import base64
@@ -97,6 +98,23 @@ def shown_image(page, element_id: str) -> np.ndarray:
     return np.asarray(PIL.Image.open(io.BytesIO(response.body())).convert("RGB"), dtype=np.int16)
 
 
+# Records every pipeline progress bar the page shows (gr.Progress tracking the pipeline's tqdm bars).
+WATCH_PROGRESS = """() => {
+    window.progressSeen = new Set();
+    new MutationObserver(records => {
+        for (const record of records) {
+            for (const label of (record.target.textContent || "").match(/RealignDiff (coarse|fine) pass/g) || []) {
+                window.progressSeen.add(label);
+            }
+        }
+    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def progress_seen(page) -> set[str]:
+    return set(page.evaluate("[...window.progressSeen]"))
+
+
 def pick_region(page, label: str) -> None:
     page.click("#region-pick input")
     page.get_by_role("option", name=label).click()
@@ -118,7 +136,8 @@ def test_draft_edit_realign_download_and_restore_in_a_browser(browser_path, app_
         page.goto(app_url)
         page.wait_for_selector("#draft")
         assert page.input_value("#prompt textarea") == PROMPT
-        set_number(page, "steps", "10")
+        set_number(page, "steps", "16")
+        page.evaluate(WATCH_PROGRESS)
 
         # Draft: the coarse pass and the grounder's regions.
         page.click("#draft")
@@ -126,11 +145,13 @@ def test_draft_edit_realign_download_and_restore_in_a_browser(browser_path, app_
         table = page.inner_text("#regions-table")
         assert "a yellow triangle\tshapes-palette" in table and "a blue circle\tshapes-palette" in table
         assert page.locator("#regions-view img").count() >= 1
+        assert "RealignDiff coarse pass" in progress_seen(page)
 
         # Realign the proposed layout: the judge speaks about both images.
         page.click("#realign")
         status_contains(page, "Realigned with 2 region(s)")
         proposed_final = shown_image(page, "final-result")
+        assert "RealignDiff fine pass" in progress_seen(page)
         verdicts = page.inner_text("#verdicts")
         assert "coarse:" in verdicts and "final:" in verdicts
 
@@ -188,7 +209,7 @@ def test_draft_edit_realign_download_and_restore_in_a_browser(browser_path, app_
         layout_file = tmp_path / "layout.json"
         download_info.value.save_as(layout_file)
         record = json.loads(layout_file.read_text())
-        assert record["prompt"] == PROMPT and record["num_inference_steps"] == 10
+        assert record["prompt"] == PROMPT and record["num_inference_steps"] == 16
         assert [(r["caption"], r["source"]) for r in record["regions"]] == [
             ("the yellow triangle", "shapes-palette"),
             ("a blue circle", "box"),
@@ -213,7 +234,7 @@ def test_draft_edit_realign_download_and_restore_in_a_browser(browser_path, app_
         chooser.value.set_files(str(layout_file))
         status_contains(other, "Restored a layout of 2 region(s)")
         assert other.inner_text("#regions-table") == first_table
-        assert other.input_value("#steps input") == "10"
+        assert other.input_value("#steps input") == "16"
         other.click("#delete")  # region 1 of the second session only
         status_contains(other, "Deleted region 1")
         assert "the yellow triangle" not in other.inner_text("#regions-table")

@@ -158,9 +158,23 @@ class Page:
 
     # -- handlers -----------------------------------------------------------------------------------
 
-    def draft(self, prompt, seed, steps, guidance, coarse_stop, *rest, progress=gr.Progress(track_tqdm=True)):
+    # The pipeline's progress bars show in the page (gr.Progress(track_tqdm=True)); gradio finds the tracker
+    # only as a positional parameter, hence the settings spelled out in draft and realign.
+    def draft(
+        self,
+        prompt,
+        seed,
+        steps,
+        guidance,
+        coarse_stop,
+        fraction,
+        cross,
+        self_,
+        area,
+        progress=gr.Progress(track_tqdm=True),
+    ):
         settings = check_draft_settings(prompt, seed, steps, guidance, coarse_stop)
-        realign = check_realign_settings(*rest)
+        realign = check_realign_settings(fraction, cross, self_, area)
         progress(0, desc="waiting for the pipeline")
         draft = self.engine.draft(settings)
         dropped = f" Dropped: {'; '.join(draft.dropped)}." if draft.dropped else ""
@@ -201,8 +215,8 @@ class Page:
         )
         return (*self.render(view), self.editor_value(view))
 
-    def realign(self, view, *settings, progress=gr.Progress(track_tqdm=True)):
-        layout = self._with_settings(_require_layout(view), settings)
+    def realign(self, view, fraction, cross, self_, area, progress=gr.Progress(track_tqdm=True)):
+        layout = self._with_settings(_require_layout(view), (fraction, cross, self_, area))
         progress(0, desc="waiting for the pipeline")
         result = self.engine.realign(layout)
         verdicts = ""
