@@ -126,3 +126,17 @@ def test_two_sessions_realigning_at_once_each_get_their_own_layouts_image(engine
 def test_the_judge_gives_a_verdict_on_shapes_prompts_only(engine, draft):
     assert engine.verdict(draft.coarse_image, PROMPT).split(" ")[0] in {"PASS", "fail"}
     assert engine.verdict(draft.coarse_image, "a photo of a cat").startswith("not judged: ")
+
+
+def test_any_stable_diffusion_folder_loads_with_the_attention_grounder_and_no_judge(toy_pipeline_folder):
+    parser = argparse.ArgumentParser()
+    add_app_parser(parser.add_subparsers())
+    toy = load_engine(parser.parse_args(["app", "--model", str(toy_pipeline_folder), "--dtype", "float32"]))
+    assert not toy.judge_prompts and toy.pipe.grounder is None
+    draft = toy.draft(check_draft_settings("a red book and a yellow vase", 0, 2, 7.5, 1.0))
+    assert [(r.caption, r.source) for r in draft.layout.regions] == [
+        ("a red book", "attention"),
+        ("a yellow vase", "attention"),
+    ]
+    assert toy.verdict(draft.coarse_image, "a red book and a yellow vase") is None
+    assert toy.realign(draft.layout).final_image.size == (draft.layout.width, draft.layout.height)

@@ -24,8 +24,6 @@ import numpy as np
 import PIL.Image
 import pytest
 
-pytestmark = pytest.mark.browser
-
 PROMPT = "a yellow triangle and a blue circle"
 
 
@@ -126,6 +124,7 @@ def set_number(page, element_id: str, value: str) -> None:
     field.press("Enter")
 
 
+@pytest.mark.browser
 def test_draft_edit_realign_download_and_restore_in_a_browser(browser_path, app_url, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -240,3 +239,22 @@ def test_draft_edit_realign_download_and_restore_in_a_browser(browser_path, app_
         assert "the yellow triangle" not in other.inner_text("#regions-table")
         assert page.inner_text("#regions-table") == first_table
         browser.close()
+
+
+def test_a_failing_handler_changes_nothing_but_the_status_line():
+    gr = pytest.importorskip("gradio", reason="the app needs gradio: pip install -e '.[app]'")
+    from realign_pipeline.app.ui import _page_errors
+
+    def bad_input(view):
+        raise ValueError("`caption`: the words ['cat'] are not in the prompt")
+
+    def broken(view):
+        raise RuntimeError("boom")
+
+    with pytest.warns(UserWarning):  # gr.Warning outside a request is a Python warning
+        outputs = _page_errors(bad_input, 3, 1)(None)
+    assert outputs[1] == "**Not changed:** `caption`: the words ['cat'] are not in the prompt"
+    assert [type(o) for o in (outputs[0], outputs[2])] == [type(gr.skip())] * 2
+    with pytest.warns(UserWarning):
+        outputs = _page_errors(broken, 2, 0)(None)
+    assert outputs[0] == "**Not changed:** RuntimeError: boom (the server log has the details)"
