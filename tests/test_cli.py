@@ -5,7 +5,7 @@ import PIL.Image
 import pytest
 import torch
 
-from realign_pipeline import preprocessors
+from realign_pipeline.captioners import factory as captioner_factory
 from realign_pipeline.cli import build_parser, main, read_prompts
 from realign_pipeline.errors import UsageError
 
@@ -128,7 +128,7 @@ def test_generate_passes_the_llm_flags_to_load_captioner(monkeypatch):
         raise Stop  # before any model loads
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    monkeypatch.setattr(preprocessors, "load_captioner", recording_load_captioner)
+    monkeypatch.setattr(captioner_factory, "load_captioner", recording_load_captioner)
     with pytest.raises(Stop):
         main(GENERATE + ["--llm-timeout", "7.5", "--llm-max-retries", "2", "--llm-base-url", "http://127.0.0.1:9/v1"])
     assert received["name"] == "openai"

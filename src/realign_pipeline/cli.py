@@ -17,9 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .captioners.factory import CAPTIONER_NAMES
 from .errors import UsageError
+from .grounding.factory import GROUNDER_NAMES
 from .llm.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
-from .preprocessors import CAPTIONER_NAMES, GROUNDER_NAMES
 from .shapes.command import WORLD, add_world_parser
 from .shapes.data import EVAL_PROMPTS_PER_CATEGORY, PROMPT_SPLITS
 from .training.command import add_push_parser, add_train_parser
@@ -203,7 +204,8 @@ def write_outputs(output: Any, prompts: list[str], folder: Path, notes: list[lis
 
 def run_generate(args: argparse.Namespace) -> None:
     # Every check that needs no model first: a mistake costs nothing and leaves nothing behind.
-    from .preprocessors import check_captioner_arguments, check_grounder_arguments
+    from .captioners.factory import check_captioner_arguments
+    from .grounding.factory import check_grounder_arguments
 
     prompts = read_prompts(args.prompt, args.prompts_file)
     check_model_source("--model", args.model, ["model_index.json"])
@@ -240,8 +242,9 @@ def run_generate(args: argparse.Namespace) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
+    from .captioners.factory import load_captioner
+    from .grounding.factory import load_grounder
     from .pipeline_realign_diff import RealignDiffPipeline
-    from .preprocessors import load_captioner, load_grounder
 
     captioner = load_captioner(
         args.captioner,

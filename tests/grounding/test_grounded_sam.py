@@ -205,7 +205,7 @@ def test_a_state_dict_of_no_sam_model_is_named():
 
 
 def test_a_bad_sam_model_type_is_refused_before_any_model_loads(tmp_path):
-    from realign_pipeline.preprocessors import load_grounder
+    from realign_pipeline.grounding.factory import load_grounder
 
     with pytest.raises(ValueError, match="`sam_model_type` must be one of"):
         load_grounder("segment-anything", sam_checkpoint=tmp_path / "missing.pth", sam_model_type="vit_x")

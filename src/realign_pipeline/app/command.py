@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from ..captioners.factory import CAPTIONER_NAMES, load_captioner
+from ..grounding.factory import GROUNDER_NAMES, load_grounder
 from ..llm.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
-from ..preprocessors import CAPTIONER_NAMES, GROUNDER_NAMES, load_captioner, load_grounder
 
 # The built-in default model (what `realign demo` runs): the shapes world, its ReFL UNet and its grounder.
 SHAPES_WORLD = Path(__file__).resolve().parents[1] / "shapes" / "world"

@@ -4,34 +4,37 @@ The rule-based ``PromptPhraseCaptioner`` lives in the pipeline file (it needs no
 re-exported from ``realign_pipeline``.
 """
 
-from .blip import (
-    CAPTION_STOP_WORDS,
-    BlipImageCaptioner,
-    CaptionTagger,
-    ImageCaptioner,
-    ImageTagger,
-    resolve_dtype,
-    tags_from_caption,
-)
-from .llm import (
-    DEFAULT_TEMPLATE,
-    LOCAL_CAPTION_SCHEMA,
-    LLMDenseCaptioner,
-    LLMFallbackWarning,
-    words_not_in_prompt,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "CAPTION_STOP_WORDS",
-    "DEFAULT_TEMPLATE",
-    "LLMDenseCaptioner",
-    "LLMFallbackWarning",
-    "LOCAL_CAPTION_SCHEMA",
-    "BlipImageCaptioner",
-    "CaptionTagger",
-    "ImageCaptioner",
-    "ImageTagger",
-    "resolve_dtype",
-    "tags_from_caption",
-    "words_not_in_prompt",
-]
+# Names load on first use (PEP 562): importing the package (or its ``factory``, as ``realign --help`` does)
+# loads neither torch nor transformers.
+_EXPORTS = {
+    "BlipImageCaptioner": ".blip",
+    "CAPTIONER_NAMES": ".factory",
+    "CAPTION_STOP_WORDS": ".blip",
+    "CaptionTagger": ".blip",
+    "DEFAULT_TEMPLATE": ".llm",
+    "ImageCaptioner": ".blip",
+    "ImageTagger": ".blip",
+    "LLMDenseCaptioner": ".llm",
+    "LLMFallbackWarning": ".llm",
+    "LOCAL_CAPTION_SCHEMA": ".llm",
+    "check_captioner_arguments": ".factory",
+    "load_captioner": ".factory",
+    "resolve_dtype": ".blip",
+    "tags_from_caption": ".blip",
+    "words_not_in_prompt": ".llm",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

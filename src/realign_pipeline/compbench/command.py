@@ -232,7 +232,7 @@ def run_compbench_eval(args: argparse.Namespace) -> dict:
         return pipe.to(device)
 
     def load_grounder(name: str):
-        from ..preprocessors import load_grounder as load
+        from ..grounding.factory import load_grounder as load
 
         return load(
             name,

@@ -6,37 +6,43 @@ the package's own requirements. The original research packages are optional: `se
 imported only when their backend is built, never by importing this package.
 """
 
-from .base import BoxDetection, BoxDetector, BoxSegmenter, import_optional
-from .boxes import (
-    DEFAULT_BOX_THRESHOLD,
-    DEFAULT_TEXT_THRESHOLD,
-    GroundingDinoBoxDetector,
-    best_box_per_caption,
-    caption_token_positions,
-    detection_prompt,
-)
-from .grounded_sam import GroundedMask, GroundedSamGrounder
-from .groundingdino_backend import GroundingDinoPyBoxDetector, GroundingDinoPyModel, build_groundingdino_py_model
-from .sam import SamBoxSegmenter
-from .segment_anything_backend import SegmentAnythingBoxSegmenter, load_weights_only_checkpoint
+import importlib
+from typing import Any
 
-__all__ = [
-    "DEFAULT_BOX_THRESHOLD",
-    "DEFAULT_TEXT_THRESHOLD",
-    "BoxDetection",
-    "BoxDetector",
-    "BoxSegmenter",
-    "GroundedMask",
-    "GroundedSamGrounder",
-    "GroundingDinoBoxDetector",
-    "GroundingDinoPyBoxDetector",
-    "GroundingDinoPyModel",
-    "SamBoxSegmenter",
-    "SegmentAnythingBoxSegmenter",
-    "best_box_per_caption",
-    "build_groundingdino_py_model",
-    "caption_token_positions",
-    "detection_prompt",
-    "import_optional",
-    "load_weights_only_checkpoint",
-]
+# Names load on first use (PEP 562): importing the package (or its ``factory``, as ``realign --help`` does)
+# loads neither torch nor transformers.
+_EXPORTS = {
+    "BoxDetection": ".base",
+    "BoxDetector": ".base",
+    "BoxSegmenter": ".base",
+    "DEFAULT_BOX_THRESHOLD": ".boxes",
+    "DEFAULT_TEXT_THRESHOLD": ".boxes",
+    "GROUNDER_NAMES": ".factory",
+    "GroundedMask": ".grounded_sam",
+    "GroundedSamGrounder": ".grounded_sam",
+    "GroundingDinoBoxDetector": ".boxes",
+    "GroundingDinoPyBoxDetector": ".groundingdino_backend",
+    "GroundingDinoPyModel": ".groundingdino_backend",
+    "SamBoxSegmenter": ".sam",
+    "SegmentAnythingBoxSegmenter": ".segment_anything_backend",
+    "best_box_per_caption": ".boxes",
+    "build_groundingdino_py_model": ".groundingdino_backend",
+    "caption_token_positions": ".boxes",
+    "check_grounder_arguments": ".factory",
+    "detection_prompt": ".boxes",
+    "import_optional": ".base",
+    "load_grounder": ".factory",
+    "load_weights_only_checkpoint": ".segment_anything_backend",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

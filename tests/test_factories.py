@@ -5,8 +5,9 @@ import pytest
 
 from realign_pipeline import LocalCaption, PromptPhraseCaptioner
 from realign_pipeline.captioners import LLMDenseCaptioner, LLMFallbackWarning
+from realign_pipeline.captioners.factory import load_captioner
 from realign_pipeline.grounding import GroundedSamGrounder
-from realign_pipeline.preprocessors import load_captioner, load_grounder
+from realign_pipeline.grounding.factory import load_grounder
 from tests.grounding.tiny_grounding_models import save_tiny_grounding_dino, save_tiny_sam
 from tests.servers.openai_stub import STUB_API_KEY, OpenAIStub, chat_reply, error_reply, trickle_reply
 
