@@ -193,5 +193,8 @@ def test_the_region_table_lists_number_caption_source_and_area(layout):
         "| 1 | a red circle | shapes-palette | 25.0% |",
         "| 2 | a blue square | attention | 18.8% |",
     ]
+    assert (
+        regions_markdown(rename_region(layout, 1, "a|b")).splitlines()[2] == "| 1 | a\\|b | shapes-palette | 25.0% |"
+    )
     assert "No regions" in regions_markdown(dataclasses.replace(layout, regions=()))
     assert "press **Draft**" in regions_markdown(None)
