@@ -227,7 +227,7 @@ def regions_markdown(layout: AppLayout | None) -> str:
         return "No regions: the fine pass runs without re-weighting. Add one with a box or by drawing."
     rows = ["| # | caption | source | area |", "|---|---|---|---|"]
     for position, region in enumerate(layout.regions):
-        caption = region.caption.replace("|", "\\|")  # a caption's bar would end its cell
+        caption = region.caption.replace("\\", "\\\\").replace("|", "\\|")  # shown as typed, in one cell
         rows.append(f"| {position + 1} | {caption} | {region.source} | {100 * region.mask.mean():.1f}% |")
     return "\n".join(rows)
 

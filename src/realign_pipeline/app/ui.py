@@ -139,7 +139,7 @@ class Page:
         return (
             view,
             (background, annotations),
-            regions_markdown(layout).replace("\\", "\\\\"),
+            regions_markdown(layout),
             gr.update(choices=choices, value=choices[0][1] if choices else None),
             enlarged(view.coarse_image, self.scale) if view.coarse_image is not None else None,
             enlarged(view.final_image, self.scale) if view.final_image is not None else None,
