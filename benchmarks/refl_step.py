@@ -26,7 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests/ holds the toy BLIP builder
 MEAN_NO_GRAD_CALLS = 34.5  # ReFL: t uniform over step indices [30, 40) of 40
 
 
@@ -100,9 +102,9 @@ def setup(resolution: int):
     """Components with LoRA, the reward, an optimizer, and a ReFL config taking the gradient at step 0
     (the no-gradient calls before it are timed apart: they do not depend on checkpointing)."""
     import torch
+    from tests.rewards.toy_captioner import build_toy_blip
 
     from realign_pipeline.rewards import ConceptMatchingReward
-    from realign_pipeline.rewards.toy_captioner import build_toy_blip
     from realign_pipeline.training import TrainConfig
     from realign_pipeline.training.common import add_lora
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from realign_pipeline.rewards import ConceptMatchingReward, import_object
-from realign_pipeline.rewards.toy_captioner import save_toy_blip
 from realign_pipeline.training import TrainConfig, refl_loss, step_generator, train
 from realign_pipeline.training.common import load_components
+from tests.rewards.toy_captioner import save_toy_blip
 
 TOY_REWARDS = Path(__file__).with_name("toy_rewards.py")
 

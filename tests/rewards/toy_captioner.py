@@ -1,6 +1,7 @@
 """A BLIP captioner built from a config with random weights, saved as an ordinary folder.
 
-Nothing here can download BLIP, so tests and benchmarks build one (tiny, or at BLIP-base's size)
+Test support (``benchmarks/refl_step.py`` uses it too). Nothing here can download BLIP, so tests and
+benchmarks build one (tiny, or at BLIP-base's size)
 and load it back through ``ConceptMatchingReward.from_pretrained(folder)``, the path a user takes
 with ``Salesforce/blip-image-captioning-base``. Its tokenizer is a BERT word-piece tokenizer over a
 fixed word list plus BLIP's ``[DEC]`` start token.
@@ -14,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..toy_pipeline import TOY_WORDS
-from .concept_matching import CLIP_MEAN, CLIP_STD
+from realign_pipeline.rewards.concept_matching import CLIP_MEAN, CLIP_STD
+from realign_pipeline.toy_pipeline import TOY_WORDS
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
