@@ -11,6 +11,7 @@ import torch
 
 from realign_pipeline.app.command import SHAPES_WORLD, add_app_parser, load_engine, run_app
 from realign_pipeline.app.session import RealignSettings, add_region, box_mask, check_draft_settings, delete_region
+from realign_pipeline.errors import UsageError
 
 PROMPT = "a yellow triangle and a blue circle"
 STEPS = 8
@@ -41,8 +42,10 @@ def test_the_command_defaults_to_the_shapes_world_on_loopback():
     add_app_parser(parser.add_subparsers())
     args = parser.parse_args(["app"])
     assert (args.run, args.model, args.host, args.grounder) == (run_app, None, "127.0.0.1", None)
-    with pytest.raises(SystemExit, match="--port must be in 0..65535, got 70000"):
+    with pytest.raises(UsageError, match="--port 70000: must be in 0..65535"):
         run_app(parser.parse_args(["app", "--port", "70000"]))  # refused before any model loads
+    with pytest.raises(UsageError, match="`sam_checkpoint` is required"):
+        load_engine(parser.parse_args(["app", "--grounder", "segment-anything"]))  # before any model loads
 
 
 def test_the_default_engine_is_the_world_with_its_refl_unet_and_grounder(engine, draft):

@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from ..captioners.factory import CAPTIONER_NAMES, load_captioner
+from ..errors import UsageError
 from ..grounding.factory import GROUNDER_NAMES, load_grounder
 from ..llm.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 
@@ -21,7 +20,7 @@ from ..llm.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 SHAPES_WORLD = Path(__file__).resolve().parents[1] / "shapes" / "world"
 SHAPES_WORLD_UNET = "unet-refl"
 SHAPES_GROUNDER = "shapes"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
 def add_app_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -69,19 +68,38 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sam-model-type", choices=("vit_b", "vit_l", "vit_h"), default=None)
     parser.add_argument("--groundingdino-config", default=None, help="groundingdino-py config file")
     parser.add_argument("--groundingdino-checkpoint", default=None, help="groundingdino-py checkpoint file")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="float16" if torch.cuda.is_available() else "float32"
-    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="(default: float16 on CUDA, else float32)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
 
 
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """The captioner's and grounder's arguments, checked before any model loads (``UsageError`` names them)."""
+    from ..captioners.factory import check_captioner_arguments
+    from ..grounding.factory import check_grounder_arguments
+
+    check_captioner_arguments(args.captioner, timeout=args.llm_timeout, max_retries=args.llm_max_retries)
+    if args.grounder not in (None, SHAPES_GROUNDER):
+        check_grounder_arguments(
+            args.grounder,
+            sam_checkpoint=args.sam_checkpoint,
+            sam_model_type=args.sam_model_type,
+            groundingdino_config=args.groundingdino_config,
+            groundingdino_checkpoint=args.groundingdino_checkpoint,
+        )
+
+
 def load_engine(args: argparse.Namespace):
     """The pipeline the page drives, loaded as ``args`` say (the shapes world by default)."""
+    # Imported here: `realign --help` loads neither torch nor diffusers.
+    from ..cli import resolve_device, resolve_dtype
     from ..pipeline_realign_diff import RealignDiffPipeline
     from .engine import AppEngine
 
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    check_model_arguments(args)
     on_world = args.model is None
     if args.grounder == SHAPES_GROUNDER or (args.grounder is None and on_world):
         from ..shapes.grounder import ShapesGrounder
@@ -90,8 +108,8 @@ def load_engine(args: argparse.Namespace):
     else:
         grounder = load_grounder(
             args.grounder or "attention",
-            device=args.device,
-            dtype=DTYPES[args.dtype],
+            device=device,
+            dtype=dtype,
             detector=args.detector,
             segmenter=args.segmenter,
             box_threshold=args.box_threshold,
@@ -103,8 +121,8 @@ def load_engine(args: argparse.Namespace):
         )
     captioner = load_captioner(
         args.captioner,
-        device=args.device,
-        dtype=DTYPES[args.dtype],
+        device=device,
+        dtype=dtype,
         image_captioner=args.image_captioner,
         model=args.llm_model,
         base_url=args.llm_base_url,
@@ -116,12 +134,12 @@ def load_engine(args: argparse.Namespace):
         unet_kwargs = {"realign_unet": SHAPES_WORLD, "realign_unet_subfolder": SHAPES_WORLD_UNET}
     pipe = RealignDiffPipeline.from_pretrained(
         SHAPES_WORLD if on_world else args.model,
-        dtype=DTYPES[args.dtype],
+        dtype=dtype,
         captioner=captioner,
         grounder=grounder,
         **unet_kwargs,
     )
-    pipe.to(args.device)
+    pipe.to(device)
     pipe.set_progress_bar_config(leave=False)
     return AppEngine(pipe, judge_prompts=on_world)
 
@@ -130,8 +148,8 @@ def run_app(args: argparse.Namespace) -> None:
     """Load the model, build the page and serve it until interrupted."""
     from .ui import build_app, launch
 
-    if args.port < 0 or args.port > 65535:
-        raise SystemExit(f"error: --port must be in 0..65535, got {args.port}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: must be in 0..65535")
     engine = load_engine(args)
     demo = build_app(engine, default_prompt=_default_prompt(engine))
     launch(demo, host=args.host, port=args.port, block=True)
