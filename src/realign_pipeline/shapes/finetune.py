@@ -238,6 +238,53 @@ def finetune(
     return FinetuneResult(target, result, seconds)
 
 
+# The export's model card (huggingface_hub's ``ModelCard.from_template``, Jinja2).
+README_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ name }}: the shapes world's UNet fine-tuned with `{{ method }}`
+
+A `UNet2DConditionModel` in float16 safetensors, fine-tuned from `unet/` of this world by
+`realign_pipeline.shapes.finetune` with the concept-matching reward of `captioner/`.
+
+```python
+from realign_pipeline import RealignDiffPipeline
+world = "src/realign_pipeline/shapes/world"  # the folder holding this one
+pipe = RealignDiffPipeline.from_pretrained(world, realign_unet=world, realign_unet_subfolder="{{ name }}")
+```
+
+## How it was made
+
+```
+{{ command }}
+```
+
+Optimizer steps: {{ global_step }}. Wall time: {{ minutes }} min{{ resumed }}, {{ threads }} threads.
+
+Validation reward (concept matching: the captioner's mean log-probability per prompt token;
+{{ images }} validation images: the first of `validation_prompts.txt`, development-split prompts kept out of training,
+each listed {{ seeds }} times with its own fixed seed; as the trainer logs them):
+
+| when | step | reward |
+|---|---|---|
+{%- for tag, step, reward in rows %}
+| {{ tag }} | {{ step }} | {{ reward }} |
+{%- endfor %}
+{%- if best_round is not none %}
+
+Kept round {{ best_round }} (round 0 is the base model): reward-ranked learning keeps the round with the best
+validation reward.
+{%- endif %}
+
+## Config
+
+```json
+{{ config_json }}
+```
+"""
+
+
 def write_readme(
     folder: Path,
     config: TrainConfig,
@@ -246,55 +293,32 @@ def write_readme(
     resumed_from: Path | None,
     command: str | None,
 ) -> Path:
-    """``README.md`` in the export folder: command, config, steps, wall time, reward before/after."""
+    """``README.md`` in the export folder (``README_TEMPLATE``): command, config, steps, wall time, reward
+    before/after."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     latest = {row["tag"]: row for row in result.validation}
-    rows = [
-        f"| {tag} | {row.get('step')} | {row.get('concept_matching', row.get('total')):.4f} |"
-        for tag, row in latest.items()
-    ]
-    ranked = ""
-    if config.method == "reward_ranked":
-        ranked = (
-            f"\nKept round {result.extra.get('best_round')} (round 0 is the base model): reward-ranked "
-            "learning keeps the round with the best validation reward.\n"
-        )
-    images = config.num_validation_prompts
-    resumed = f" (this invocation resumed from `{resumed_from.name}`)" if resumed_from is not None else ""
-    text = f"""# {folder.name}: the shapes world's UNet fine-tuned with `{config.method}`
-
-A `UNet2DConditionModel` in float16 safetensors, fine-tuned from `unet/` of this world by
-`realign_pipeline.shapes.finetune` with the concept-matching reward of `captioner/`.
-
-```python
-from realign_pipeline import RealignDiffPipeline
-world = "src/realign_pipeline/shapes/world"  # the folder holding this one
-pipe = RealignDiffPipeline.from_pretrained(world, realign_unet=world, realign_unet_subfolder="{folder.name}")
-```
-
-## How it was made
-
-```
-{command or "realign world finetune --method " + config.method}
-```
-
-Optimizer steps: {result.global_step}. Wall time: {seconds / 60:.1f} min{resumed}, {torch.get_num_threads()} threads.
-
-Validation reward (concept matching: the captioner's mean log-probability per prompt token;
-{images} validation images: the first of `validation_prompts.txt`, development-split prompts kept out of training,
-each listed {VALIDATION_SEEDS} times with its own fixed seed; as the trainer logs them):
-
-| when | step | reward |
-|---|---|---|
-{chr(10).join(rows)}
-{ranked}
-## Config
-
-```json
-{json.dumps(config.to_dict(), indent=2)}
-```
-"""
+    card = ModelCard.from_template(
+        ModelCardData(library_name="diffusers", tags=["realign-pipeline", "shapes-world", config.method]),
+        template_str=README_TEMPLATE,
+        name=folder.name,
+        method=config.method,
+        command=command or "realign world finetune --method " + config.method,
+        global_step=result.global_step,
+        minutes=f"{seconds / 60:.1f}",
+        resumed=f" (this invocation resumed from `{resumed_from.name}`)" if resumed_from is not None else "",
+        threads=torch.get_num_threads(),
+        images=config.num_validation_prompts,
+        seeds=VALIDATION_SEEDS,
+        rows=[
+            (tag, row.get("step"), f"{row.get('concept_matching', row.get('total')):.4f}")
+            for tag, row in latest.items()
+        ],
+        best_round=result.extra.get("best_round") if config.method == "reward_ranked" else None,
+        config_json=json.dumps(config.to_dict(), indent=2),
+    )
     path = folder / "README.md"
-    path.write_text(text)
+    card.save(path)
     return path
 
 

@@ -780,8 +780,101 @@ def evaluate_world(config: WorldConfig) -> dict:
     return results
 
 
+# The world's model card (huggingface_hub's ``ModelCard.from_template``, Jinja2).
+WORLD_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# shapes-world: a small Stable Diffusion trained from scratch on coloured shapes
+
+The built-in world of realign-pipeline (RealignDiff for diffusers): a standard diffusers
+`StableDiffusionPipeline` (`AutoencoderKL`, `CLIPTextModel` + `CLIPTokenizer`,
+`UNet2DConditionModel`, `DDIMScheduler`) that draws 64×64 images of one to three coloured
+shapes from T2I-CompBench-style prompts, plus a small BLIP captioner (`captioner/`,
+`BlipForConditionalGeneration` + `BlipProcessor`) for the caption rewards. Everything was
+trained from random initialisation by `realign_pipeline.shapes.train_world` on procedurally
+rendered data; no external data or pretrained weights were used.
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{{ folder_name }}")   # diffusers 0.42.1
+image = pipe("a red circle on the left of a blue square", num_inference_steps=25, guidance_scale=4.0).images[0]
+```
+
+## Data
+
+`realign_pipeline.shapes.data`: {{ config.num_images }} scenes (seed {{ config.seed }}) of circles, squares
+and triangles in six colours (red, green, blue, yellow, purple, white) on a dark background;
+captions of four kinds: single ("a red circle"), binding ("a red circle and a blue square",
+three objects with commas), relation ("a green triangle on the left of a yellow circle"; also
+"on the right of", "above", "below") and count ("two red circles", "three blue squares",
+"two red circles and a green triangle"). **Held out:** the pairings {{ held_out }} never appear in
+the diffusion model's training images; evaluation prompts that name them measure compositional
+generalisation. The captioner was trained on {{ config.num_captioner_images }} scenes drawn from
+`{{ config.captioner_split }}` pairings (the reward side is meant to know the whole world, as
+BLIP-2 knows far more than Stable Diffusion binds correctly).
+
+## Training (one command, resumable, reproducible from the seed)
+
+```
+realign world train --output {{ config.output_dir }} --set seed={{ config.seed }}
+```
+
+1. VAE: L1 + MSE reconstruction with KL weight {{ config.vae_kl_weight }}, {{ config.vae_steps }} steps of batch
+   {{ config.vae_batch_size }} on {{ config.vae_crop }} px crops, AdamW lr {{ config.vae_lr }}; `scaling_factor`
+   set to 1/std of the training latents.
+2. Text encoder and UNet, jointly: ε-prediction, DDPM betas `{{ config.beta_schedule }}`
+   {{ config.beta_start }}..{{ config.beta_end }}, Min-SNR-{{ config.snr_gamma }} weighting, {{ caption_dropout }}
+   empty captions, {{ config.unet_steps }} steps of batch {{ config.unet_batch_size }}, AdamW lr
+   {{ config.unet_lr }} (warm-up {{ config.warmup_steps }}, cosine to {{ config.min_lr_ratio }}×),
+   EMA {{ config.ema_decay }} (the EMA weights are saved).
+3. Captioner: teacher-forced captioning loss, {{ config.captioner_steps }} steps of batch
+   {{ config.captioner_batch_size }}, AdamW lr {{ config.captioner_lr }}.
+
+Machine: {{ machine }}, {{ config.num_threads }} threads. Wall time: {{ minutes }} min
+(this run; a resumed run counts only its own part).
+
+{{ stage_lines }}
+
+UNet and VAE weights are stored in float16 (diffusers loads them as float32); the text
+encoder and captioner in float32 (transformers would keep float16).
+
+## Judged evaluation
+
+`realign_pipeline.shapes.judge` (palette segmentation and rule-based shape classification,
+no learned model) on development prompts (`development_seen`: seen pairings; `development`: naming a
+held-out pairing), never on the evaluation prompts of `realign eval`, which are kept for its final tables;
+{{ config.eval_prompts_per_category }} prompts per row, DDIM {{ config.eval_steps }} steps, guidance
+{{ config.guidance_scale }}, one seed. "passed" needs every object present, every colour on the right
+shape, exact counts with nothing extra, and the relation.
+
+| prompts | n | passed | objects present | binding | count | relation |
+|---|---|---|---|---|---|---|
+{{ rows }}
+
+{{ roundtrip_line }}
+
+`samples.png`: first eight images of each row above, in the same order (seen then held-out pairings;
+binding, relation, count).
+
+## Files
+
+{{ file_lines }}
+- total weights: {{ total_mb }} MB
+
+## Configuration
+
+```json
+{{ config_json }}
+```
+"""
+
+
 def write_model_card(config: WorldConfig, info: dict) -> None:
-    """README.md in the output folder: what the models are and exactly how they were made."""
+    """README.md in the output folder (``WORLD_CARD_TEMPLATE``): what the models are and exactly how they were
+    made."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     output = Path(config.output_dir)
     sizes = {str(path.relative_to(output)): path.stat().st_size for path in sorted(output.rglob("*.safetensors"))}
     evaluation = dict(info.get("evaluation", {}))
@@ -798,100 +891,29 @@ def write_model_card(config: WorldConfig, info: dict) -> None:
         f"{'' if value['relation_correct'] is None else format(value['relation_correct'], '.2f')} |"
         for key, value in evaluation.items()
     )
-    held_out = ", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))
-    stage_lines = "\n".join(f"- `{name}`: {json.dumps(value)}" for name, value in info["stages"].items())
-    config_json = json.dumps(dataclasses.asdict(config), indent=2, default=str)
-    card = f"""---
-library_name: diffusers
-license: apache-2.0
-tags: [text-to-image, stable-diffusion, realign-pipeline, shapes-world, synthetic-data]
-pipeline_tag: text-to-image
----
-
-# shapes-world: a small Stable Diffusion trained from scratch on coloured shapes
-
-The built-in world of realign-pipeline (RealignDiff for diffusers): a standard diffusers
-`StableDiffusionPipeline` (`AutoencoderKL`, `CLIPTextModel` + `CLIPTokenizer`,
-`UNet2DConditionModel`, `DDIMScheduler`) that draws 64×64 images of one to three coloured
-shapes from T2I-CompBench-style prompts, plus a small BLIP captioner (`captioner/`,
-`BlipForConditionalGeneration` + `BlipProcessor`) for the caption rewards. Everything was
-trained from random initialisation by `realign_pipeline.shapes.train_world` on procedurally
-rendered data; no external data or pretrained weights were used.
-
-```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{output.name}")   # diffusers 0.42.1
-image = pipe("a red circle on the left of a blue square", num_inference_steps=25, guidance_scale=4.0).images[0]
-```
-
-## Data
-
-`realign_pipeline.shapes.data`: {config.num_images} scenes (seed {config.seed}) of circles, squares
-and triangles in six colours (red, green, blue, yellow, purple, white) on a dark background;
-captions of four kinds: single ("a red circle"), binding ("a red circle and a blue square",
-three objects with commas), relation ("a green triangle on the left of a yellow circle"; also
-"on the right of", "above", "below") and count ("two red circles", "three blue squares",
-"two red circles and a green triangle"). **Held out:** the pairings {held_out} never appear in
-the diffusion model's training images; evaluation prompts that name them measure compositional
-generalisation. The captioner was trained on {config.num_captioner_images} scenes drawn from
-`{config.captioner_split}` pairings (the reward side is meant to know the whole world, as
-BLIP-2 knows far more than Stable Diffusion binds correctly).
-
-## Training (one command, resumable, reproducible from the seed)
-
-```
-realign world train --output {config.output_dir} --set seed={config.seed}
-```
-
-1. VAE: L1 + MSE reconstruction with KL weight {config.vae_kl_weight}, {config.vae_steps} steps of batch
-   {config.vae_batch_size} on {config.vae_crop} px crops, AdamW lr {config.vae_lr}; `scaling_factor`
-   set to 1/std of the training latents.
-2. Text encoder and UNet, jointly: ε-prediction, DDPM betas `{config.beta_schedule}`
-   {config.beta_start}..{config.beta_end}, Min-SNR-{config.snr_gamma} weighting, {config.caption_dropout:.0%}
-   empty captions, {config.unet_steps} steps of batch {config.unet_batch_size}, AdamW lr
-   {config.unet_lr} (warm-up {config.warmup_steps}, cosine to {config.min_lr_ratio}×), EMA {config.ema_decay}
-   (the EMA weights are saved).
-3. Captioner: teacher-forced captioning loss, {config.captioner_steps} steps of batch
-   {config.captioner_batch_size}, AdamW lr {config.captioner_lr}.
-
-Machine: {info["machine"]}, {config.num_threads} threads. Wall time: {info["total_seconds"] / 60:.1f} min
-(this run; a resumed run counts only its own part).
-
-{stage_lines}
-
-UNet and VAE weights are stored in float16 (diffusers loads them as float32); the text
-encoder and captioner in float32 (transformers would keep float16).
-
-## Judged evaluation
-
-`realign_pipeline.shapes.judge` (palette segmentation and rule-based shape classification,
-no learned model) on development prompts (`development_seen`: seen pairings; `development`: naming a
-held-out pairing), never on the evaluation prompts of `realign eval`, which are kept for its final tables;
-{config.eval_prompts_per_category} prompts per row, DDIM {config.eval_steps} steps, guidance
-{config.guidance_scale}, one seed. "passed" needs every object present, every colour on the right
-shape, exact counts with nothing extra, and the relation.
-
-| prompts | n | passed | objects present | binding | count | relation |
-|---|---|---|---|---|---|---|
-{rows}
-
-{roundtrip_line}
-
-`samples.png`: first eight images of each row above, in the same order (seen then held-out pairings;
-binding, relation, count).
-
-## Files
-
-{chr(10).join(f"- `{name}`: {size / 1e6:.2f} MB" for name, size in sizes.items())}
-- total weights: {sum(sizes.values()) / 1e6:.2f} MB
-
-## Configuration
-
-```json
-{config_json}
-```
-"""
-    (output / "README.md").write_text(card)
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license="apache-2.0",
+        tags=["text-to-image", "stable-diffusion", "realign-pipeline", "shapes-world", "synthetic-data"],
+        pipeline_tag="text-to-image",
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_str=WORLD_CARD_TEMPLATE,
+        config=config,
+        folder_name=output.name,
+        held_out=", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS)),
+        caption_dropout=f"{config.caption_dropout:.0%}",
+        machine=info["machine"],
+        minutes=f"{info['total_seconds'] / 60:.1f}",
+        stage_lines="\n".join(f"- `{name}`: {json.dumps(value)}" for name, value in info["stages"].items()),
+        rows=rows,
+        roundtrip_line=roundtrip_line,
+        file_lines="\n".join(f"- `{name}`: {size / 1e6:.2f} MB" for name, size in sizes.items()),
+        total_mb=f"{sum(sizes.values()) / 1e6:.2f}",
+        config_json=json.dumps(dataclasses.asdict(config), indent=2, default=str),
+    )
+    card.save(output / "README.md")
 
 
 # ---------------------------------------------------------------------------------------------
