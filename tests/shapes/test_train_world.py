@@ -42,9 +42,20 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    output = tmp_path_factory.mktemp("world") / "shapes-world"
-    config = tw.WorldConfig(output_dir=str(output), **TINY)
-    return config, tw.train_world(config)
+    """The tiny world, built by the command a user runs: ``realign world train --output ... --config tiny.yaml``."""
+    from realign_pipeline.cli import main
+
+    folder = tmp_path_factory.mktemp("world")
+    output = folder / "shapes-world"
+    options = folder / "tiny.yaml"
+    options.write_text(
+        "".join(f"{key}: {list(value) if isinstance(value, tuple) else value}\n" for key, value in TINY.items())
+    )
+    argv = ["--output", str(output), "--config", str(options)]
+    main(["world", "train", *argv])
+    config = tw.parse_args(argv)
+    assert config == tw.WorldConfig(output_dir=str(output), **TINY)
+    return config, json.loads((output / "training_info.json").read_text())
 
 
 def test_world_folder_loads_as_plain_stable_diffusion(world):
