@@ -243,6 +243,19 @@ def test_generate_checks_files_devices_and_keys_before_any_model_loads(
         "(a SAM .pth file).",
         out,
     )
+    fails_with(
+        capsys,
+        generate(toy_pipeline_folder, tmp_path, "--image-captioner", "Salesforce/blip2-opt-2.7b"),
+        "--image-captioner: only the openai captioner reads one; add --captioner openai",
+        out,
+    )
+    detector = tmp_path / "no-dino"
+    fails_with(
+        capsys,
+        generate(toy_pipeline_folder, tmp_path, "--grounder", "grounding-sam", "--detector", str(detector)),
+        f"--detector {detector}: no such folder (and not a Hub repo id such as owner/name)",
+        out,
+    )
     out.write_text("a file")
     fails_with(
         capsys,

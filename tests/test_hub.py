@@ -369,6 +369,12 @@ def test_push_names_what_is_missing_before_anything_is_written(unet_folder, tmp_
         [str(unet_folder), "--repo-id", "me/x", "--base-model", "b/m", "--eval-table", str(tmp_path / "t.md")],
         f"--eval-table {tmp_path / 't.md'}: no such file (a Markdown table)",
     )
+    push_fails_with(
+        capsys,
+        [str(unet_folder), "--repo-id", "me/my model", "--base-model", "b/m"],
+        "--repo-id me/my model: not a Hub repo id (Repo id must use alphanumeric chars, '-', '_' or '.'. The name "
+        "cannot start or end with '-' or '.' and the maximum length is 96: 'me/my model'.)",
+    )
     assert not staging.exists()
     staging.mkdir()
     (staging / "notes.txt").write_text("mine")

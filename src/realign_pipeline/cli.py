@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from .captioners.factory import CAPTIONER_NAMES
 from .errors import UsageError
 from .grounding.factory import GROUNDER_NAMES
 from .llm.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+from .options import check_model_source
 from .shapes.command import WORLD, add_world_parser
 from .shapes.data import EVAL_PROMPTS_PER_CATEGORY, PROMPT_SPLITS
 from .training.command import add_push_parser, add_train_parser
@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     import torch
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
-# A Hub repository id: "name" or "owner/name" (letters, digits, "-", "_", "."); anything else is a local path.
-HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def read_prompts(prompt: Sequence[str] | None, prompts_file: str | None) -> list[str]:
@@ -47,18 +45,6 @@ def read_prompts(prompt: Sequence[str] | None, prompts_file: str | None) -> list
     if not prompts:
         raise UsageError("give at least one --prompt or a --prompts-file")
     return prompts
-
-
-def check_model_source(flag: str, value: str, needs: Sequence[str]) -> None:
-    """``value`` is a local folder holding one of ``needs`` (relative paths) or could be a Hub repo id."""
-    path = Path(value).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UsageError(f"{flag} {value}: a file, not a diffusers folder or a Hub repo id")
-        if not any((path / need).is_file() for need in needs):
-            raise UsageError(f"{flag} {value}: the folder has no {' or '.join(needs)} (not a diffusers folder)")
-    elif not HUB_REPO_ID.fullmatch(value):
-        raise UsageError(f"{flag} {value}: no such folder (and not a Hub repo id such as owner/name)")
 
 
 def check_output_folder(flag: str, value: str | Path) -> None:
@@ -214,6 +200,14 @@ def run_generate(args: argparse.Namespace) -> None:
         check_model_source("--realign-unet", args.realign_unet, ["unet/config.json", "config.json"])
         if (Path(args.realign_unet) / "config.json").is_file():
             unet_subfolder = None  # the folder is the UNet itself
+    if args.image_captioner is not None:
+        if args.captioner != "openai":
+            raise UsageError("--image-captioner: only the openai captioner reads one; add --captioner openai")
+        check_model_source("--image-captioner", args.image_captioner, ["config.json"])
+    if args.grounder in ("grounding-sam", "segment-anything"):
+        check_model_source("--detector", args.detector, ["config.json"])
+    if args.grounder == "grounding-sam" or (args.grounder == "groundingdino-py" and args.sam_checkpoint is None):
+        check_model_source("--segmenter", args.segmenter, ["config.json"])
     check_output_folder("--output", args.output)
     for flag, check in (
         (

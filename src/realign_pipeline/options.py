@@ -30,6 +30,8 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 T = TypeVar("T")
+# A Hub repository id: "name" or "owner/name" (letters, digits, "-", "_", "."); anything else is a local path.
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 @dataclass(frozen=True)
@@ -274,3 +276,15 @@ def add_config_arguments(parser: Any, *, required: bool, what: str) -> None:
         metavar="KEY=VALUE",
         help="override one option (the value is read as YAML: 3, 1e-5, [30, 40], null); repeatable",
     )
+
+
+def check_model_source(flag: str, value: str, needs: Sequence[str]) -> None:
+    """``value`` is a local folder holding one of ``needs`` (relative paths) or could be a Hub repo id."""
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{flag} {value}: a file, not a diffusers folder or a Hub repo id")
+        if not any((path / need).is_file() for need in needs):
+            raise UsageError(f"{flag} {value}: the folder has no {' or '.join(needs)} (not a diffusers folder)")
+    elif not HUB_REPO_ID.fullmatch(value):
+        raise UsageError(f"{flag} {value}: no such folder (and not a Hub repo id such as owner/name)")

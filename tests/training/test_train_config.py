@@ -106,10 +106,17 @@ def train_fails_with(capsys, argv, message, *absent):
 
 
 def test_train_finds_prompt_mistakes_before_any_model_loads(tmp_path, capsys):
-    # The base model does not exist either: had it been loaded first, its error would show instead.
     output = tmp_path / "run"
     config = tmp_path / "run.yaml"
-    base = f"pretrained_model: {tmp_path / 'no-model'}\noutput_dir: {output}\nreport_to: none\n"
+    config.write_text(f"pretrained_model: {tmp_path / 'no-model'}\noutput_dir: {output}\nprompts: p.txt\n")
+    train_fails_with(
+        capsys,
+        ["train", "--config", str(config)],
+        f"pretrained_model {tmp_path / 'no-model'}: no such folder (and not a Hub repo id such as owner/name)",
+        output,
+    )
+    # A Hub id that is not in the cache (HF_HUB_OFFLINE): had it been loaded first, its error would show instead.
+    base = f"pretrained_model: someone/not-downloaded\noutput_dir: {output}\nreport_to: none\n"
     config.write_text(base)
     train_fails_with(
         capsys,

@@ -121,9 +121,15 @@ def add_push_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_push(args: argparse.Namespace) -> None:
+    # Local checks first: nothing is created on the Hub for a folder that cannot be built.
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     from ..hub import HubError, build_upload_folder, check_push_inputs, push_pipeline
 
-    # Local checks first: nothing is created on the Hub for a folder that cannot be built.
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as error:
+        raise UsageError(f"--repo-id {args.repo_id}: not a Hub repo id ({error})") from None
     check_push_inputs(args.trained, args.base_model, args.staging_dir)
     if args.eval_table is not None and not args.eval_table.is_file():
         raise UsageError(f"--eval-table {args.eval_table}: no such file (a Markdown table)")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Limit, check_fields, read_options
+from ..options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Limit, check_fields, check_model_source, read_options
 
 # Option names whose values are credentials: api_key, apikey, hf_token, access_token, client_secret,
 # password, ... (whole words between underscores, so max_new_tokens and tokenizer are not matched).
@@ -252,13 +252,15 @@ def config_replace(config: TrainConfig, **changes: Any) -> TrainConfig:
 
 
 def check_run_inputs(config: TrainConfig) -> None:
-    """What a run reads, checked before any model loads: the rewards' names, the prompt files (present, with
+    """What a run reads, checked before any model loads: the rewards' names, a local base model's folder, the
+    prompt files (present, with
     at least one prompt), the regulariser's folder and the checkpoint to resume from. ``UsageError`` names the
     option."""
     from ..rewards.factory import check_reward_specs
     from .data import read_prompts
 
     check_reward_specs(config.rewards)
+    check_model_source("pretrained_model", config.pretrained_model, ["model_index.json", "unet/config.json"])
     if not config.prompts:
         raise UsageError("prompts is not set: give a text file with one prompt per line, or hf:<dataset id>")
     for name in ("prompts", "validation_prompts"):
