@@ -266,7 +266,7 @@ def add_config_arguments(parser: Any, *, required: bool, what: str) -> None:
         required=required,
         type=Path,
         metavar="FILE",
-        help=f"YAML, JSON or TOML file of {what} options" + ("" if required else " (default: none)"),
+        help=f"a YAML, JSON or TOML file of {what}" + ("" if required else " (default: none)"),
     )
     parser.add_argument(
         "--set",

@@ -76,7 +76,7 @@ def add_world_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def add_world_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, help="the world's folder (default: WorldConfig.output_dir)")
-    add_config_arguments(parser, required=False, what="WorldConfig (realign_pipeline.shapes.train_world)")
+    add_config_arguments(parser, required=False, what="WorldConfig options (realign_pipeline.shapes.train_world)")
 
 
 def add_world_finetune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +92,7 @@ def add_world_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--regularizer-images", type=_positive_int, default=REGULARIZER_IMAGES, help="ReFL's regulariser scenes"
     )
-    add_config_arguments(parser, required=False, what="TrainConfig (on top of the world's defaults)")
+    add_config_arguments(parser, required=False, what="TrainConfig options, on top of the world's defaults")
 
 
 def _positive_int(text: str) -> int:

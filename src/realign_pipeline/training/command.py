@@ -61,7 +61,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_arguments(parser, required=True, what="TrainConfig")
+    add_config_arguments(parser, required=True, what="TrainConfig options")
     parser.set_defaults(run=run_train, usage_prog=parser.prog)
     return parser
 

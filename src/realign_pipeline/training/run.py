@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     """``python -m realign_pipeline.training --config run.yaml [--set key=value ...]``; the same
     arguments work under ``accelerate launch -m realign_pipeline.training``."""
     parser = argparse.ArgumentParser(prog="python -m realign_pipeline.training", description=main.__doc__)
-    add_config_arguments(parser, required=True, what="TrainConfig")
+    add_config_arguments(parser, required=True, what="TrainConfig options")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
