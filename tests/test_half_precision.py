@@ -105,8 +105,8 @@ def test_whole_call_in_bfloat16_at_512_px_is_finite(tmp_path):
         "a red book and a yellow vase",
         height=512,
         width=512,
-        num_inference_steps=3,
-        coarse_stop_fraction=0.67,
+        num_inference_steps=2,
+        coarse_stop_fraction=0.5,
         output_type="np",
         generator=torch.Generator().manual_seed(0),
     )
