@@ -309,7 +309,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 # The built-in default model: a small Stable Diffusion trained by this project on coloured shapes.
 BUILTIN_WORLD = WORLD
-# The demo's UNet: the world's ReFL fine-tuned UNet (``python -m realign_pipeline.shapes.finetune``).
+# The demo's UNet: the world's ReFL fine-tuned UNet (``realign world finetune --method refl``).
 DEMO_UNET = "unet-refl"
 TOY_DEMO_PROMPTS = ["a red book and a yellow vase", "a green cat on the left of a blue car"]
 
@@ -458,7 +458,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         "differences between rows with 95% intervals over prompts. Every configuration draws the same prompts and "
         "seeds from the same initial noise. Each finished row is saved in --output/checkpoints; run the same command "
         "again to resume after a kill. Fine-tuned UNets are read from subfolders of --world (unet-refl, "
-        "unet-ranked), made by python -m realign_pipeline.shapes.finetune.",
+        "unet-ranked), made by realign world finetune.",
     )
     parser.add_argument(
         "--world", type=Path, default=BUILTIN_WORLD, help="shapes-world pipeline folder (default: the built-in one)"
