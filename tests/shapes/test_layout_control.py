@@ -7,8 +7,10 @@ from realign_pipeline.shapes.data import ObjectGroup, PromptSpec, Scene, ShapeOb
 from realign_pipeline.shapes.layout_control import (
     PLACED_SHARE,
     LayoutCase,
+    LayoutControlResult,
+    PlacementScore,
+    format_layout_table,
     layout_cases,
-    paired_interval,
     random_boxes,
     score_placement,
     strip_masks,
@@ -93,8 +95,26 @@ def test_an_object_not_drawn_counts_as_zero_and_not_present():
     assert score.shares == [1.0, 0.0] and not score.present and not score.placed
 
 
-def test_paired_interval_by_hand():
-    mean, low, high = paired_interval([1, 1, 0, 1], [0, 1, 0, 0])
-    differences = np.array([1, 0, 0, 1])
-    half = 1.96 * differences.std(ddof=1) / 2
-    assert (mean, low, high) == pytest.approx((0.5, 0.5 - half, 0.5 + half))
+def test_summary_pairs_images_and_clusters_by_prompt():
+    one = LayoutCase("a red circle and a blue square", ("", ""), (), "halves", False)
+    two = LayoutCase("a red circle and a green square", ("", ""), (), "boxes", False)
+    result = LayoutControlResult()
+    # Prompt one: placed 2 of 2 re-weighted vs 0 of 2 plain; prompt two: 1 of 2 each, on different seeds.
+    rows = [(one, True, False), (one, True, False), (two, True, False), (two, False, True)]
+    for case, realigned, plain in rows:
+        result.realigned.append(PlacementScore([0.9 if realigned else 0.2] * 2, realigned, True))
+        result.plain.append(PlacementScore([0.9 if plain else 0.2] * 2, plain, True))
+        result.kinds.append(case.kind)
+        result.prompts.append(case.prompt)
+    summary = result.summary()
+    assert summary["n"] == 4 and summary["prompts"] == 2
+    placed = summary["placed"]
+    assert placed["plain"] == 0.25 and placed["realigned"] == 0.75 and placed["difference"] == 0.5
+    # Per-prompt differences 1 and 0: mean 0.5, sd 0.7071, t(1 df) = 12.706 -> clipped to [-1, 1].
+    assert placed["difference_95"] == [-1.0, 1.0]
+    assert summary["share"]["difference"] == pytest.approx((0.7 + 0.0) / 2)
+    assert summary["present"]["difference"] == 0.0
+    assert summary["by_kind"]["halves"]["placed"]["difference"] == 1.0
+    assert summary["by_kind"]["boxes"]["n"] == 2
+    table = format_layout_table(summary)
+    assert "| all | 4 | placed | 0.250 | 0.750 | +0.500 [-1.000, +1.000] |" in table

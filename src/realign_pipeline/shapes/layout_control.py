@@ -20,13 +20,14 @@ layout it is paired with, so plain's ``placed`` rate is the chance rate of that 
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .data import IMAGE_SIZE, parse_prompt, phrase_for
+from .evaluate import paired_difference
 from .judge import judge
 
 PLACED_SHARE = 0.7
@@ -137,43 +138,53 @@ def score_placement(image, case: LayoutCase) -> PlacementScore:
     return PlacementScore(shares, placed, present)
 
 
-def paired_interval(treated: list[float], control: list[float], z: float = 1.96) -> tuple[float, float, float]:
-    """Mean paired difference ``treated − control`` and its normal 95% interval (pairs share their noise)."""
-    differences = np.asarray(treated, dtype=float) - np.asarray(control, dtype=float)
-    mean = float(differences.mean())
-    if len(differences) < 2:
-        return mean, math.nan, math.nan
-    half = z * float(differences.std(ddof=1)) / math.sqrt(len(differences))
-    return mean, mean - half, mean + half
-
-
 @dataclass
 class LayoutControlResult:
-    """Per (case, seed) scores of the plain and the re-weighted image."""
+    """Per (case, seed) scores of the plain and the re-weighted image, with the prompt each came from."""
 
     plain: list[PlacementScore] = field(default_factory=list)
     realigned: list[PlacementScore] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
-        def rows(scores: list[PlacementScore]) -> dict[str, list[float]]:
-            return {
-                "placed": [float(s.placed) for s in scores],
-                "share": [float(np.mean(s.shares)) for s in scores],
-                "present": [float(s.present) for s in scores],
-            }
-
-        plain, realigned = rows(self.plain), rows(self.realigned)
-        summary = {"n": len(self.plain)}
-        for metric in ("placed", "share", "present"):
-            difference, low, high = paired_interval(realigned[metric], plain[metric])
-            summary[metric] = {
-                "plain": float(np.mean(plain[metric])),
-                "realigned": float(np.mean(realigned[metric])),
-                "difference": difference,
-                "difference_95": [low, high],
-            }
+        """Plain and re-weighted means of ``placed``, ``share`` and ``present``, and their paired difference
+        with a 95% interval over prompts (``shapes.evaluate.paired_difference``: a prompt's cases and seeds are
+        one cluster, since they share its difficulty); also per layout kind."""
+        summary = {"n": len(self.plain), "prompts": len(set(self.prompts))}
+        summary.update(self._metrics(range(len(self.plain))))
+        summary["by_kind"] = {
+            kind: {"n": self.kinds.count(kind), **self._metrics([i for i, k in enumerate(self.kinds) if k == kind])}
+            for kind in dict.fromkeys(self.kinds)
+        }
         return summary
+
+    def _metrics(self, rows: Sequence[int]) -> dict:
+        metrics = {}
+        for metric in ("placed", "share", "present"):
+            plain = {i: _metric_of(self.plain[i], metric) for i in rows}
+            realigned = {i: _metric_of(self.realigned[i], metric) for i in rows}
+            by_prompt: dict[str, list[int]] = {}
+            for i in rows:
+                by_prompt.setdefault(self.prompts[i], []).append(i)
+            clusters = list(by_prompt.values())
+            paired = paired_difference(
+                [[realigned[i] for i in cluster] for cluster in clusters],
+                [[plain[i] for i in cluster] for cluster in clusters],
+            )
+            metrics[metric] = {
+                "plain": float(np.mean(list(plain.values()))),
+                "realigned": float(np.mean(list(realigned.values()))),
+                "difference": paired.difference,
+                "difference_95": [paired.low, paired.high],
+            }
+        return metrics
+
+
+def _metric_of(score: PlacementScore, metric: str) -> float:
+    if metric == "share":
+        return float(np.mean(score.shares))
+    return float(getattr(score, metric))
 
 
 @torch.no_grad()
@@ -229,51 +240,33 @@ def run_layout_control(
                 result.plain.append(score_placement(plain_images[case.prompt], case))
                 result.realigned.append(score_placement(image, case))
                 result.kinds.append(case.kind)
+                result.prompts.append(case.prompt)
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m realign_pipeline.shapes.layout_control``: the benchmark on a world folder, as JSON."""
-    import argparse
-    import json
+def layout_prompts(split: str, count: int) -> list[str]:
+    """The first ``count`` binding prompts (two or three object groups) of a split; ``"development"`` pools
+    the development splits, as ``realign eval --split development`` does."""
+    from .data import DEVELOPMENT_SPLITS, evaluation_prompts
 
-    from ..pipeline_realign_diff import RealignDiffPipeline
-    from .data import DEVELOPMENT_SPLITS, EVALUATION_SPLITS, evaluation_prompts
-    from .ground_world import WORLD
-
-    parser = argparse.ArgumentParser(description="Layout control on the shapes world (module doc)")
-    parser.add_argument("--world", default=str(WORLD), help="a shapes-world pipeline folder (default: the built-in)")
-    parser.add_argument("--unet", default="unet", help="the UNet subfolder (default: unet)")
-    parser.add_argument("--split", choices=("development", *EVALUATION_SPLITS), default="development")
-    parser.add_argument("--prompts", type=int, default=32, help="binding prompts (two or three objects)")
-    parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--cross-attention-weight", type=float, default=1.0)
-    parser.add_argument("--self-attention-weight", type=float, default=0.3)
-    parser.add_argument("--modulation-fraction", type=float, default=0.3)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    if min(args.prompts, args.seeds, args.steps, args.threads) <= 0:
-        parser.error("--prompts, --seeds, --steps and --threads must be positive")
-    torch.set_num_threads(args.threads)
-    splits = DEVELOPMENT_SPLITS if args.split == "development" else (args.split,)
-    prompts = [p for split in splits for p in evaluation_prompts("binding", split, args.prompts)][: args.prompts]
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(args.world, subfolder=args.unet, dtype=torch.float32)
-    pipe = RealignDiffPipeline.from_pretrained(args.world, unet=unet, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    result = run_layout_control(
-        pipe,
-        layout_cases(prompts),
-        list(range(args.seeds)),
-        num_inference_steps=args.steps,
-        cross_attention_weight=args.cross_attention_weight,
-        self_attention_weight=args.self_attention_weight,
-        modulation_fraction=args.modulation_fraction,
-    )
-    print(json.dumps({"world": args.world, "unet": args.unet, "split": args.split, **result.summary()}, indent=2))
+    splits = DEVELOPMENT_SPLITS if split == "development" else (split,)
+    return [prompt for name in splits for prompt in evaluation_prompts("binding", name, count)][:count]
 
 
-if __name__ == "__main__":
-    main()
+def format_layout_table(summary: dict) -> str:
+    """A Markdown table: plain and re-weighted rates, their paired difference and its 95% interval, overall and
+    per layout kind."""
+    lines = [
+        "| layouts | n | metric | plain | re-weighted | difference [95% over prompts] |",
+        "|---|---|---|---|---|---|",
+    ]
+    blocks = [("all", summary), *summary["by_kind"].items()]
+    for name, block in blocks:
+        for metric in ("placed", "share", "present"):
+            row = block[metric]
+            low, high = row["difference_95"]
+            lines.append(
+                f"| {name} | {block['n']} | {metric} | {row['plain']:.3f} | {row['realigned']:.3f} | "
+                f"{row['difference']:+.3f} [{low:+.3f}, {high:+.3f}] |"
+            )
+    return "\n".join(lines)
