@@ -329,7 +329,7 @@ def test_help_imports_neither_torch_nor_diffusers_and_prints_no_warning():
 
     realign = os.path.join(os.path.dirname(sys.executable), "realign")  # the console script users run
     done = subprocess.run([realign, "--help"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stderr == "" and "{generate,demo,eval,train,push,world}" in done.stdout
+    assert done.returncode == 0 and done.stderr == "" and "{generate,demo,eval,train,push,world,app}" in done.stdout
 
 
 def test_a_mistake_through_the_console_script_is_one_line(tmp_path):

@@ -16,7 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .app.command import add_app_parser
 from .captioners.factory import CAPTIONER_NAMES
+from .compbench.options import BENCHMARKS, COMPBENCH_GUIDANCE_SCALE, COMPBENCH_STEPS, add_compbench_arguments
 from .errors import UsageError
 from .grounding.factory import GROUNDER_NAMES
 from .llm.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
@@ -29,6 +31,12 @@ if TYPE_CHECKING:
     import torch
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# The shapes world's benchmarks' defaults (`realign eval`, --benchmark shapes and layout): 25 DDIM steps at
+# guidance 4, four seeds per prompt for the ablation and eight per layout for layout control.
+SHAPES_STEPS = 25
+SHAPES_GUIDANCE_SCALE = 4.0
+SHAPES_SEEDS = 4
+LAYOUT_SEEDS = 8
 
 
 def read_prompts(prompt: Sequence[str] | None, prompts_file: str | None) -> list[str]:
@@ -451,14 +459,23 @@ def unit_interval(text: str) -> float:
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="the judged ablation table of RealignDiff on the shapes world",
+        help="benchmarks: the judged ablation on the shapes world, layout control, T2I-CompBench",
         description="Generate the shapes world's evaluation prompts with each configuration (base UNet, attention "
         "re-weighting with attention-map, grounded or true masks, fine-tuned UNets, both), judge every image with the "
         "rule-based judge, and print a Markdown table of accuracies with 95% Wilson intervals, then paired "
         "differences between rows with 95% intervals over prompts. Every configuration draws the same prompts and "
         "seeds from the same initial noise. Each finished row is saved in --output/checkpoints; run the same command "
         "again to resume after a kill. Fine-tuned UNets are read from subfolders of --world (unet-refl, "
-        "unet-ranked), made by realign world finetune.",
+        "unet-ranked), made by realign world finetune. --benchmark layout: each object of two- and three-object "
+        "prompts given a region (halves, thirds, boxes, each assignment and its swap), plain and re-weighted from the "
+        "same noise, judged. --benchmark t2i-compbench: a Stable Diffusion model (--model) on T2I-CompBench's "
+        "prompts, scored by BLIP-VQA, CLIPScore and Grounding DINO; shards with accelerate launch.",
+    )
+    parser.add_argument(
+        "--benchmark",
+        choices=BENCHMARKS,
+        default="shapes",
+        help="shapes (the ablation table, default), layout (layout control on the shapes world), t2i-compbench",
     )
     parser.add_argument(
         "--world", type=Path, default=BUILTIN_WORLD, help="shapes-world pipeline folder (default: the built-in one)"
@@ -480,11 +497,22 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seeds",
         type=positive_int,
-        default=4,  # shapes.evaluate.DEFAULT_SEEDS (not imported here: it would load torch for --help)
-        help="images per prompt, each from its own noise, the same in every row (default 4)",
+        default=None,
+        help="images per prompt (per layout for --benchmark layout), each from its own noise, the same in every row "
+        f"(default {SHAPES_SEEDS}; layout {LAYOUT_SEEDS})",
     )
-    parser.add_argument("--steps", type=positive_int, default=25, help="denoising steps per pass (default 25)")
-    parser.add_argument("--guidance-scale", type=non_negative_float, default=4.0, help="(default 4.0)")
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help=f"denoising steps per pass (default {SHAPES_STEPS}; t2i-compbench {COMPBENCH_STEPS})",
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=non_negative_float,
+        default=None,
+        help=f"(default {SHAPES_GUIDANCE_SCALE}; t2i-compbench {COMPBENCH_GUIDANCE_SCALE})",
+    )
     parser.add_argument(
         "--seed",
         type=int,
@@ -504,13 +532,101 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         default="unet-refl",
         help="the fine-tuned UNet subfolder of the 'full' configuration (default unet-refl)",
     )
-    parser.add_argument("--output", type=Path, default=Path("outputs/eval"), help="folder for results.json, PNGs")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="folder for results (default outputs/eval, outputs/layout-control)"
+    )
     parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    layout = parser.add_argument_group("layout control (--benchmark layout)")
+    layout.add_argument("--layout-unet", default="unet", help="the world's UNet subfolder (default unet)")
+    layout.add_argument("--cross-attention-weight", type=non_negative_float, default=1.0, help="(default 1.0)")
+    layout.add_argument("--self-attention-weight", type=non_negative_float, default=0.3, help="(default 0.3)")
+    layout.add_argument("--modulation-fraction", type=fraction, default=0.3, help="(default 0.3)")
+    add_compbench_arguments(parser)
     parser.set_defaults(run=run_eval, usage_prog=parser.prog)
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    """``realign eval``: the benchmark ``--benchmark`` names, with that benchmark's defaults for what is unset."""
+    if args.benchmark == "t2i-compbench":
+        from .compbench.command import run_compbench_eval
+
+        args.steps = args.steps or COMPBENCH_STEPS
+        args.guidance_scale = COMPBENCH_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
+        run_compbench_eval(args)
+        return
+    args.steps = args.steps or SHAPES_STEPS
+    args.guidance_scale = SHAPES_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
+    if args.benchmark == "layout":
+        run_layout_eval(args)
+    else:
+        run_shapes_eval(args)
+
+
+def run_layout_eval(args: argparse.Namespace) -> None:
+    """``realign eval --benchmark layout``: plain vs re-weighted placement on the world, paired, as a table."""
+    import torch
+
+    if args.split == "held_out_seen":
+        raise UsageError("--split held_out_seen: layout control needs binding prompts of unseen or any pairing")
+    unet_folder = Path(args.world) / args.layout_unet
+    if not (unet_folder / "config.json").is_file():
+        raise UsageError(f"--layout-unet {args.layout_unet}: no UNet at {unet_folder} (a folder with config.json)")
+    output = args.output or Path("outputs/layout-control")
+    check_output_folder("--output", output)
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    from diffusers import UNet2DConditionModel
+
+    from .pipeline_realign_diff import RealignDiffPipeline
+    from .shapes.layout_control import format_layout_table, layout_cases, layout_prompts, run_layout_control
+
+    prompts = layout_prompts(args.split, args.prompts_per_category)
+    unet = UNet2DConditionModel.from_pretrained(args.world, subfolder=args.layout_unet, dtype=torch.float32)
+    pipe = RealignDiffPipeline.from_pretrained(args.world, unet=unet, dtype=torch.float32).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    seeds = args.seeds or LAYOUT_SEEDS
+    result = run_layout_control(
+        pipe,
+        layout_cases(prompts, seed=args.seed),
+        [args.seed * 1000 + index for index in range(seeds)],
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+        cross_attention_weight=args.cross_attention_weight,
+        self_attention_weight=args.self_attention_weight,
+        modulation_fraction=args.modulation_fraction,
+    )
+    settings = {
+        "world": str(args.world),
+        "unet": args.layout_unet,
+        "split": args.split,
+        "prompts": len(prompts),
+        "seeds": seeds,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "cross_attention_weight": args.cross_attention_weight,
+        "self_attention_weight": args.self_attention_weight,
+        "modulation_fraction": args.modulation_fraction,
+    }
+    summary = {"settings": settings, **result.summary()}
+    table = format_layout_table(summary)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (output / "table.md").write_text(table + "\n")
+    print(table)
+    print(
+        f"\n{len(prompts)} {args.split} binding prompts x layouts x {seeds} seeds; placed: every object drawn with "
+        "at least 70% of its pixels in its region; share: mean fraction of an object's pixels in its region "
+        "(0 when not drawn); present: every object drawn. Difference: re-weighted minus plain from the same noise, "
+        "95% interval over prompts."
+    )
+    print(f"wrote {output / 'results.json'} and {output / 'table.md'}")
+
+
+def run_shapes_eval(args: argparse.Namespace) -> None:
     import torch
 
     from .shapes.evaluate import (
@@ -538,12 +654,13 @@ def run_eval(args: argparse.Namespace) -> None:
         check_world(args.world, configurations)
     except FileNotFoundError as error:
         raise UsageError(f"--world: {error}") from None
+    args.output = args.output or Path("outputs/eval")
     check_output_folder("--output", args.output)
     device = resolve_device(args.device)
     settings = EvalSettings(
         split=args.split,
         prompts_per_category=args.prompts_per_category,
-        seeds=args.seeds,
+        seeds=args.seeds or SHAPES_SEEDS,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         seed=args.seed,
@@ -583,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(subparsers)
     add_push_parser(subparsers)
     add_world_parser(subparsers)
+    add_app_parser(subparsers)
     return parser
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from realign_pipeline.compbench.command import build_parser, run_compbench_eval
+from realign_pipeline.errors import UsageError
 
 CATEGORIES = ["color", "spatial", "non_spatial", "complex"]
 
@@ -24,7 +25,7 @@ def arguments(model, scorers, output, extra=()):
         "--steps", "2", "--guidance-scale", "3", "--seed", "5", "--negative-prompt", "blurry",
         "--phrase-parser", "rule", "--vqa-model", str(scorers["vqa"]), "--clip-model", str(scorers["clip"]),
         "--detector-model", str(scorers["detector"]), "--box-threshold", "0", "--text-threshold", "0",
-        "--compbench-output", str(output), "--device", "cpu", "--no-progress", *extra,
+        "--output", str(output), "--device", "cpu", "--no-progress", *extra,
     ]  # fmt: skip
 
 
@@ -104,14 +105,14 @@ def test_a_finished_run_resumes_without_work_and_a_removed_image_and_score_are_r
 def test_a_resumed_run_with_other_settings_is_refused(reference, toy_pipeline_folder, scorer_folders):
     output, _ = reference
     args = build_parser().parse_args(arguments(toy_pipeline_folder, scorer_folders, output, ["--steps", "3"]))
-    with pytest.raises(SystemExit, match="num_inference_steps: 2 there, 3 now"):
+    with pytest.raises(UsageError, match="num_inference_steps: 2 there, 3 now"):
         run_compbench_eval(args)
 
 
 def test_bad_arguments_fail_before_any_model_loads(scorer_folders, tmp_path):
     args = build_parser().parse_args(arguments(tmp_path / "no-model", scorer_folders, tmp_path / "out"))
     args.realign_unet = None
-    with pytest.raises(SystemExit, match=r"\['finetuned'\] need a fine-tuned UNet: give --realign-unet"):
+    with pytest.raises(UsageError, match=r"\['finetuned'\] need a fine-tuned UNet: give --realign-unet"):
         run_compbench_eval(args)
     assert not (tmp_path / "out").exists()
 

@@ -1,8 +1,11 @@
 """The layout-control benchmark: its layouts, its placement score on rendered scenes, its paired intervals."""
 
+import json
+
 import numpy as np
 import pytest
 
+from realign_pipeline.cli import main
 from realign_pipeline.shapes.data import ObjectGroup, PromptSpec, Scene, ShapeObject, render_scene
 from realign_pipeline.shapes.layout_control import (
     PLACED_SHARE,
@@ -118,3 +121,29 @@ def test_summary_pairs_images_and_clusters_by_prompt():
     assert summary["by_kind"]["boxes"]["n"] == 2
     table = format_layout_table(summary)
     assert "| all | 4 | placed | 0.250 | 0.750 | +0.500 [-1.000, +1.000] |" in table
+
+
+def test_realign_eval_layout_writes_the_paired_table(tmp_path, capsys):
+    output = tmp_path / "layout"
+    arguments = ["eval", "--benchmark", "layout", "--split", "development", "--prompts-per-category", "2"]
+    main([*arguments, "--seeds", "1", "--steps", "2", "--threads", "1", "--output", str(output)])
+    results = json.loads((output / "results.json").read_text())
+    # Two two-object prompts, each under halves and boxes, each assignment and its swap: 8 cases, 1 seed.
+    assert results["n"] == 8 and results["prompts"] == 2
+    assert results["settings"]["seeds"] == 1 and results["settings"]["steps"] == 2
+    assert results["settings"]["cross_attention_weight"] == 1.0 and results["settings"]["modulation_fraction"] == 0.3
+    assert set(results["by_kind"]) == {"halves", "boxes"} and results["by_kind"]["halves"]["n"] == 4
+    for metric in ("placed", "share", "present"):
+        assert 0.0 <= results[metric]["plain"] <= 1.0 and 0.0 <= results[metric]["realigned"] <= 1.0
+    table = (output / "table.md").read_text()
+    assert table.splitlines()[0].startswith("| layouts | n | metric |") and "| all | 8 | placed |" in table
+    assert table.strip() in capsys.readouterr().out
+
+
+def test_realign_eval_layout_names_a_missing_unet_before_loading(tmp_path, capsys):
+    output = tmp_path / "layout"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--benchmark", "layout", "--layout-unet", "unet-nope", "--output", str(output)])
+    assert exit_info.value.code == 2
+    assert "--layout-unet unet-nope: no UNet at" in capsys.readouterr().err
+    assert not output.exists()

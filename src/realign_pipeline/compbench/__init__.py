@@ -1,24 +1,7 @@
 """T2I-CompBench on real models: ``realign eval --benchmark t2i-compbench``.
 
-Generation of the official validation prompts under each configuration of the ablation (``configurations``),
-resumable and sharded over processes with accelerate (``generate``), the official scores through
-transformers models (``scorers``), and the report (``report``). ``command`` holds the command-line entry.
+``options`` (the command's options), ``plan`` (prompts, file names, seeds, shards), ``configurations`` (the
+ablation's rows), ``run`` (resumable generation and scoring), ``scorers`` (the official scores through
+transformers models), ``spatial`` (T2I-CompBench's spatial rule), ``report`` and ``command`` (the entry).
+Nothing is imported here, so building ``realign``'s parser stays free of torch.
 """
-
-from .configurations import ALL_CONFIGURATIONS, COMPBENCH_CONFIGURATION_NAMES, CompBenchConfiguration
-from .plan import WorkItem, image_file_name, image_seed, plan_work, shard
-from .spatial import find_relation, position_score, spatial_score
-
-__all__ = [
-    "ALL_CONFIGURATIONS",
-    "COMPBENCH_CONFIGURATION_NAMES",
-    "CompBenchConfiguration",
-    "WorkItem",
-    "find_relation",
-    "image_file_name",
-    "image_seed",
-    "plan_work",
-    "position_score",
-    "shard",
-    "spatial_score",
-]

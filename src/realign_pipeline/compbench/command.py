@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
-from ..prompts import T2I_COMPBENCH_CATEGORIES, T2I_COMPBENCH_SPLITS
-from .configurations import COMPBENCH_CONFIGURATION_NAMES, select_compbench_configurations
-from .phrases import PHRASE_PARSERS, load_phrase_parser
-from .plan import DEFAULT_IMAGES_PER_PROMPT, category_prompts, plan_work, shard
+from ..errors import UsageError
+from ..prompts import T2I_COMPBENCH_CATEGORIES
+from .configurations import select_compbench_configurations
+from .options import DEFAULT_OUTPUT, add_compbench_arguments, positive_int
+from .phrases import load_phrase_parser
+from .plan import category_prompts, plan_work, shard
 from .run import (
     MANIFEST_FILE,
     CompBenchSettings,
@@ -28,74 +30,22 @@ from .run import (
     score_items,
     write_atomically,
 )
-from .scorers.blip_vqa import DEFAULT_VQA_MODEL
-from .scorers.clip_score import DEFAULT_CLIP_MODEL
-from .scorers.detector import DEFAULT_DETECTOR_MODEL
 
-BENCHMARKS = ("shapes", "t2i-compbench")
-DTYPES = ("float32", "float16", "bfloat16")
 # Options `realign eval` already has (the shapes benchmark's); the standalone parser adds them itself.
 SHARED_DEFAULTS = {"steps": 50, "guidance_scale": 7.5, "seed": 0, "batch_size": 10, "coarse_stop_fraction": 0.3}
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def add_compbench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The T2I-CompBench options, added to ``realign eval``'s parser (whose ``--seed``, ``--steps``,
-    ``--guidance-scale``, ``--batch-size``, ``--coarse-stop-fraction``, ``--device`` and ``--threads`` it shares)."""
-    group = parser.add_argument_group("T2I-CompBench (--benchmark t2i-compbench)")
-    group.add_argument("--benchmark", choices=BENCHMARKS, default="shapes", help="(default shapes)")
-    group.add_argument("--model", default=None, help="Stable Diffusion repo id or folder (t2i-compbench: required)")
-    group.add_argument("--realign-unet", default=None, help="fine-tuned UNet repo id or folder (finetuned, full rows)")
-    group.add_argument("--realign-unet-subfolder", default="unet", help="its subfolder ('' for none; default unet)")
-    group.add_argument(
-        "--categories", nargs="+", choices=T2I_COMPBENCH_CATEGORIES, default=list(T2I_COMPBENCH_CATEGORIES)
-    )
-    group.add_argument("--compbench-split", choices=T2I_COMPBENCH_SPLITS, default="val", help="(default val)")
-    group.add_argument(
-        "--compbench-configurations",
-        nargs="+",
-        choices=COMPBENCH_CONFIGURATION_NAMES,
-        default=None,
-        metavar="NAME",
-        help=f"rows, of {', '.join(COMPBENCH_CONFIGURATION_NAMES)} (default: all that need no fine-tuned UNet, "
-        "and all with --realign-unet)",
-    )
-    group.add_argument(
-        "--compbench-prompts", type=_positive_int, default=None, help="first N prompts per category (default all)"
-    )
-    group.add_argument("--images-per-prompt", type=_positive_int, default=DEFAULT_IMAGES_PER_PROMPT)
-    group.add_argument("--negative-prompt", default=None)
-    group.add_argument("--height", type=_positive_int, default=None)
-    group.add_argument("--width", type=_positive_int, default=None)
-    group.add_argument("--dtype", choices=DTYPES, default="float32", help="generation dtype (default float32)")
-    group.add_argument("--phrase-parser", choices=PHRASE_PARSERS, default="spacy", help="(default spacy: official)")
-    group.add_argument("--vqa-model", default=DEFAULT_VQA_MODEL, help=f"BLIP VQA (default {DEFAULT_VQA_MODEL})")
-    group.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help=f"CLIP (default {DEFAULT_CLIP_MODEL})")
-    group.add_argument("--detector-model", default=DEFAULT_DETECTOR_MODEL, help="Grounding DINO (spatial)")
-    group.add_argument("--segmenter-model", default="facebook/sam-vit-base", help="SAM of the grounding-sam rows")
-    group.add_argument("--box-threshold", type=float, default=0.3)
-    group.add_argument("--text-threshold", type=float, default=0.25)
-    group.add_argument("--compbench-output", type=Path, default=Path("outputs/t2i-compbench"))
-    group.add_argument("--report-prompts", type=_positive_int, default=4, help="prompts per image grid (default 4)")
-    group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The standalone parser (``python -m realign_pipeline.compbench``), T2I-CompBench's defaults."""
     parser = argparse.ArgumentParser(prog="realign-compbench", description=__doc__)
-    parser.add_argument("--steps", type=_positive_int, default=SHARED_DEFAULTS["steps"])
+    parser.add_argument("--steps", type=positive_int, default=SHARED_DEFAULTS["steps"])
     parser.add_argument("--guidance-scale", type=float, default=SHARED_DEFAULTS["guidance_scale"])
     parser.add_argument("--seed", type=int, default=SHARED_DEFAULTS["seed"])
-    parser.add_argument("--batch-size", type=_positive_int, default=SHARED_DEFAULTS["batch_size"])
+    parser.add_argument("--batch-size", type=positive_int, default=SHARED_DEFAULTS["batch_size"])
     parser.add_argument("--coarse-stop-fraction", type=float, default=SHARED_DEFAULTS["coarse_stop_fraction"])
     parser.add_argument("--device", default=None, help="(default: accelerate's device for this process)")
-    parser.add_argument("--threads", type=_positive_int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"(default {DEFAULT_OUTPUT})")
     add_compbench_arguments(parser)
     parser.set_defaults(benchmark="t2i-compbench")
     return parser
@@ -104,24 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> CompBenchSettings:
     """Check every argument (before any model loads) and gather the run's settings."""
     if not args.model:
-        raise SystemExit("error: --model: give a Stable Diffusion repo id or folder for --benchmark t2i-compbench")
+        raise UsageError("--model: give a Stable Diffusion repo id or folder for --benchmark t2i-compbench")
     try:
         configurations = select_compbench_configurations(args.compbench_configurations, args.realign_unet is not None)
         prompts = category_prompts(args.categories, args.compbench_split, args.compbench_prompts)
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise UsageError(f"{error}") from None
     if "complex" in prompts and args.compbench_split != "val":
-        raise SystemExit(
-            "error: --categories complex: the 3-in-1 sub-lists are packaged for --compbench-split val only"
-        )
+        raise UsageError("--categories complex: the 3-in-1 sub-lists are packaged for --compbench-split val only")
     if not 0 < args.coarse_stop_fraction <= 1:
-        raise SystemExit(f"error: --coarse-stop-fraction must be in (0, 1], got {args.coarse_stop_fraction}")
+        raise UsageError(f"--coarse-stop-fraction must be in (0, 1], got {args.coarse_stop_fraction}")
     for name in ("box_threshold", "text_threshold"):
         if not 0 <= getattr(args, name) <= 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     for name in ("height", "width"):
         if getattr(args, name) is not None and getattr(args, name) % 8:
-            raise SystemExit(f"error: --{name} must be a multiple of 8, got {getattr(args, name)}")
+            raise UsageError(f"--{name} must be a multiple of 8, got {getattr(args, name)}")
     return CompBenchSettings(
         model=str(args.model),
         categories=tuple(prompts),
@@ -211,12 +159,12 @@ def run_compbench_eval(args: argparse.Namespace) -> dict:
     # started by `accelerate launch` would each run alone.
     state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = torch.device(args.device) if args.device else state.device
-    output = Path(args.compbench_output)
+    output = Path(args.output or DEFAULT_OUTPUT)
     progress = not args.no_progress
     try:
         check_manifest(output, settings)
     except ValueError as error:
-        raise SystemExit(f"error: --compbench-output: {error}") from None
+        raise UsageError(f"--output {output}: {error}") from None
     prompts = category_prompts(settings.categories, settings.split, settings.prompts_per_category)
     items = plan_work(settings.configurations, prompts, settings.images_per_prompt, settings.seed)
     mine = shard(items, state.process_index, state.num_processes)
@@ -292,4 +240,8 @@ def _scheduler_of(model: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_compbench_eval(build_parser().parse_args(argv))
+    parser = build_parser()
+    try:
+        run_compbench_eval(parser.parse_args(argv))
+    except UsageError as error:  # a user's mistake: one line, as `realign` prints it
+        parser.exit(2, f"{parser.prog}: error: {error}\n")

@@ -14,8 +14,8 @@ import re
 from typing import Protocol
 
 from ..pipeline_realign_diff import PromptPhraseCaptioner
+from .options import PHRASE_PARSERS
 
-PHRASE_PARSERS: tuple[str, ...] = ("rule", "spacy")
 # The prepositions around which the official script finds a complex prompt's two objects, in its order.
 COMPLEX_PREPOSITIONS: tuple[str, ...] = (
     "on top of",

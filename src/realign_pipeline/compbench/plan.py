@@ -20,7 +20,6 @@ import torch
 
 from ..prompts import T2I_COMPBENCH_CATEGORIES, T2I_COMPBENCH_SPLITS, t2i_compbench_prompts
 
-DEFAULT_IMAGES_PER_PROMPT = 10
 # Characters that cannot stand in a file name, or that the official scripts' parsing of names would break on.
 FORBIDDEN_IN_PROMPT = ("/", "\\", "_", "\0", "\n")
 

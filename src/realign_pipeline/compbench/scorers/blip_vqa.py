@@ -17,9 +17,8 @@ from typing import Protocol
 import PIL.Image
 import torch
 
+from ..options import DEFAULT_VQA_MODEL
 from ..phrases import PhraseParser
-
-DEFAULT_VQA_MODEL = "Salesforce/blip-vqa-capfilt-large"
 
 
 class YesProbability(Protocol):

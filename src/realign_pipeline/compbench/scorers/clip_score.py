@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import PIL.Image
 import torch
 
+from ..options import DEFAULT_CLIP_MODEL
 from ..phrases import PhraseParser
-
-DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 
 
 class ClipSimilarity:

@@ -18,8 +18,6 @@ from ...grounding.base import BoxDetector
 from ..phrases import PhraseParser
 from ..spatial import find_relation, spatial_score
 
-DEFAULT_DETECTOR_MODEL = "IDEA-Research/grounding-dino-tiny"
-
 
 def _box(detection) -> dict | None:
     return None if detection is None else {"box": list(detection.box), "score": detection.score}
