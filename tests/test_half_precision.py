@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 
 from realign_pipeline import RealignDiffPipeline
 from realign_pipeline.pipeline_realign_diff import reweighted_attention_fast, reweighted_attention_reference
 from realign_pipeline.toy_pipeline import save_toy_pipeline
 
 HALF_DTYPES = [torch.float16, torch.bfloat16]
+SD_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
 
 
 def formula_in_float64(query, key, value, *, scale, strength, query_regions, key_regions):
@@ -95,18 +97,35 @@ def test_fast_in_half_precision_with_every_row_modulated_at_full_strength(dtype)
     assert (fast.double() - truth).abs().max().item() <= 2 * plain_error
 
 
+def sd_shaped_small_pipeline(folder) -> RealignDiffPipeline:
+    """The test model's UNet and text encoder with a VAE that downsamples by 8, as SD's does: at 512 px the UNet
+    sees 64 × 64 latents and self-attention has SD 1.5's 4096 queries at its finest level."""
+    toy = RealignDiffPipeline.from_pretrained(save_toy_pipeline(folder))
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=512,
+    )
+    components = {**toy.components, "vae": vae.eval()}
+    return RealignDiffPipeline(**{name: components[name] for name in SD_COMPONENTS}, requires_safety_checker=False)
+
+
 def test_whole_call_in_bfloat16_at_512_px_is_finite(tmp_path):
-    """The small test model (latents 64 × 64, attention at 64 × 64 and 32 × 32) loaded in bf16, 512 px: the
-    default call (coarse pass, attention masks, re-weighted fine pass) gives finite latents and images."""
-    folder = save_toy_pipeline(tmp_path / "toy", sample_size=128)
-    pipe = RealignDiffPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    """A small model in bf16 at 512 px (latents 64 × 64, as SD 1.5's): the default call (coarse pass, attention
+    masks, re-weighted fine pass) gives finite images, and the fine pass had regions to re-weight."""
+    pipe = sd_shaped_small_pipeline(tmp_path / "toy").to(dtype=torch.bfloat16)
+    assert pipe.vae_scale_factor == 8
     pipe.set_progress_bar_config(disable=True)
     output = pipe(
         "a red book and a yellow vase",
         height=512,
         width=512,
-        num_inference_steps=2,
-        coarse_stop_fraction=0.5,
+        num_inference_steps=3,
+        coarse_stop_fraction=0.67,
         output_type="np",
         generator=torch.Generator().manual_seed(0),
     )
