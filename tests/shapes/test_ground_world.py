@@ -223,3 +223,23 @@ def test_loose_layouts_always_contain_every_object_in_its_own_region():
         assert (labels[masks[0] >= 0.5] == 0).all() and (labels[masks[1] >= 0.5] == 1).all()
         kinds.add("strips" if (labels >= 0).all() else "boxes")
     assert kinds == {"strips", "boxes"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["steps=0"], "--set: steps must be"),
+        (["modulated_fraction=1.5"], "--set: modulated_fraction must be"),
+        (["token_loss_weigth=0.1"], "did you mean 'token_loss_weight'?"),
+        (["world=/no/such/world"], "world /no/such/world: not a shapes-world pipeline folder"),
+    ],
+)
+def test_realign_world_ground_refuses_bad_options_before_any_work(tmp_path, capsys, overrides, message):
+    from realign_pipeline.cli import main
+
+    output = tmp_path / "grounded"
+    arguments = ["world", "ground", "--output", str(output)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*arguments, *(item for override in overrides for item in ("--set", override))])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not output.exists() and not (tmp_path / "grounded-work").exists()

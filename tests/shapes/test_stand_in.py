@@ -71,3 +71,26 @@ def test_probe_measures_every_named_object(world):
     # Four named colours per condition, one seed.
     assert all(len(values) == 4 for values in result.colour_present.values())
     assert set(summary["named_colour_present"]) == {"prompt", "blanked", "empty"}
+
+
+def test_realign_world_probe_prints_the_three_measurements(capsys):
+    import json
+
+    from realign_pipeline.cli import main
+
+    main(["world", "probe", "--prompts-per-category", "1", "--seeds", "1", "--split", "held_out"])
+    report = json.loads(capsys.readouterr().out)
+    # One binding and one relation prompt, two objects each.
+    assert report["prompts"] == 2 and report["objects_named"] == 4 and report["split"] == "held_out"
+    assert 0.0 <= report["inside_share"] <= 1.0 and 0.0 <= report["word_mass"] <= 1.0
+    assert set(report["named_colour_present"]) == {"prompt", "blanked", "empty"}
+
+
+def test_realign_world_probe_names_a_folder_that_is_no_world(tmp_path, capsys):
+    from realign_pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["world", "probe", "--world", str(tmp_path)])
+    assert (
+        exit_info.value.code == 2 and f"--world {tmp_path}: not a diffusers pipeline folder" in capsys.readouterr().err
+    )

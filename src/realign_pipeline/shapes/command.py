@@ -1,7 +1,10 @@
-"""``realign world train`` and ``realign world finetune``: build the shapes world, fine-tune its UNet.
+"""``realign world train``, ``finetune``, ``ground`` and ``probe``: build the shapes world, fine-tune its UNet,
+ground its words (issue [F]) and measure how far it stands in for Stable Diffusion.
 
     realign world train --output outputs/shapes-world --set unet_steps=4000
     realign world finetune --method refl --set max_train_steps=300
+    realign world ground --output outputs/gw1 --set steps=1500 --set batch_size=24
+    realign world probe --world outputs/gw1
 
 Both read options through ``options.read_options`` (``--config FILE`` and ``--set KEY=VALUE``; typed,
 range-checked, the file named in every error): ``WorldConfig``'s for ``train``, ``TrainConfig``'s for
@@ -47,7 +50,7 @@ def add_world_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="The shapes world: a small Stable Diffusion trained from scratch on coloured shapes "
         "(realign_pipeline.shapes), and its caption-reward fine-tuned UNets.",
     )
-    commands = parser.add_subparsers(dest="world_command", required=True, metavar="{train,finetune}")
+    commands = parser.add_subparsers(dest="world_command", required=True, metavar="{train,finetune,ground,probe}")
     train = commands.add_parser(
         "train",
         help="train the world from scratch (VAE, text encoder + UNet, BLIP captioner); resumable",
@@ -71,6 +74,31 @@ def add_world_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_world_finetune_arguments(finetune)
     finetune.set_defaults(run=run_world_finetune, usage_prog=finetune.prog)
+    ground = commands.add_parser(
+        "ground",
+        help="fine-tune the world so its object words carry the objects (TokenCompose losses); resumable",
+        description="Fine-tune a world's UNet and text encoder with blanked padding and TokenCompose's token and "
+        "pixel losses on the renderer's masks (realign_pipeline.shapes.ground_world); resumes from "
+        "<output>-work/.",
+    )
+    ground.add_argument("--output", default=None, help="the grounded world's folder (default: GroundingConfig's)")
+    add_config_arguments(ground, required=False, what="GroundingConfig options (realign_pipeline.shapes.ground_world)")
+    ground.set_defaults(run=run_world_ground, usage_prog=ground.prog)
+    probe = commands.add_parser(
+        "probe",
+        help="how far a world stands in for Stable Diffusion: word attention, attention masks, blanked words",
+        description="Generate binding and relation prompts with a world and measure the share of each object "
+        "word's attention inside its object, the IoU of the pipeline's attention masks with the judge's, and the "
+        "blank-the-words test (realign_pipeline.shapes.stand_in); prints JSON.",
+    )
+    probe.add_argument("--world", default=str(WORLD), help="the world's folder (default: the built-in one)")
+    probe.add_argument(
+        "--split", choices=("development", "held_out", "seen"), default="development", help="(default development)"
+    )
+    probe.add_argument("--prompts-per-category", type=_positive_int, default=16, help="(default 16)")
+    probe.add_argument("--seeds", type=_positive_int, default=2, help="(default 2)")
+    probe.add_argument("--threads", type=_positive_int, default=1, help="(default 1)")
+    probe.set_defaults(run=run_world_probe, usage_prog=probe.prog)
     return parser
 
 
@@ -172,3 +200,52 @@ def finetune_command(args: argparse.Namespace) -> str:
     for override in args.overrides:
         parts += ["--set", override]
     return shlex.join(parts)
+
+
+def run_world_ground(args: argparse.Namespace) -> dict:
+    """Read the ``GroundingConfig`` (file, ``--set``, ``--output``), check it, then ground (or resume)."""
+    _check_folder_target("--output", args.output)
+    quiet_openmp_threads()
+    import dataclasses
+
+    from ..options import read_options
+    from .ground_world import GroundingConfig, ground_world
+
+    config = read_options(GroundingConfig, args.config, args.overrides)
+    if args.output is not None:
+        config = dataclasses.replace(config, output_dir=args.output)
+    _check_folder_target("output_dir", config.output_dir)
+    if not (Path(config.world) / "model_index.json").is_file():
+        raise UsageError(f"world {config.world}: not a shapes-world pipeline folder (no model_index.json)")
+    info = ground_world(config)
+    print(f"wrote {config.output_dir} ({info['steps']} steps)")
+    return info
+
+
+def run_world_probe(args: argparse.Namespace) -> dict:
+    """Measure a world's stand-in properties (``stand_in.probe_world``) and print them as JSON."""
+    if not (Path(args.world) / "model_index.json").is_file():
+        raise UsageError(f"--world {args.world}: not a diffusers pipeline folder (no model_index.json)")
+    quiet_openmp_threads()
+    import json
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from .data import DEVELOPMENT_SPLITS, evaluation_prompts
+    from .stand_in import probe_world
+
+    torch.set_num_threads(args.threads)
+    splits = DEVELOPMENT_SPLITS if args.split == "development" else (args.split,)
+    prompts = [
+        prompt
+        for split in splits
+        for category in ("binding", "relation")
+        for prompt in evaluation_prompts(category, split, args.prompts_per_category)
+    ]
+    pipe = StableDiffusionPipeline.from_pretrained(args.world, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    result = probe_world(pipe, prompts, seeds=list(range(args.seeds)))
+    report = {"world": str(args.world), "split": args.split, "prompts": len(prompts), **result.summary()}
+    print(json.dumps(report, indent=2))
+    return report

@@ -1,6 +1,6 @@
 """Ground the shapes world: make its object words, not its padding, carry the objects.
 
-    realign world ground --output outputs/shapes-world-grounded      (python -m realign_pipeline.shapes.ground_world)
+    realign world ground --output outputs/shapes-world-grounded --set steps=1500      (options: GroundingConfig)
 
 Why. Stable Diffusion's word tokens attend where their objects are drawn (Prompt-to-Prompt, DAAM),
 which is what DenseDiffusion's and RealignDiff's re-weighting relies on. The first shapes world read
@@ -37,7 +37,6 @@ checkpointed as safetensors (weights, optimizer moments, EMA, RNG) every ``check
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -55,6 +54,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ..options import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Limit, check_fields
 from ..pipeline_realign_diff import (
     AttentionModulationState,
     CrossAttentionRecorder,
@@ -67,6 +67,29 @@ from .train_world import checkpoint_path, ema_update, lr_at, resume_stage, save_
 
 WORLD = Path(__file__).with_name("world")
 MAX_GROUPS = 3  # scenes name at most three object groups
+
+
+# What each numeric GroundingConfig option may be (``options.Limit``), checked on construction.
+GROUNDING_LIMITS: dict[str, Limit] = {
+    "num_threads": AT_LEAST_ONE,
+    "num_images": AT_LEAST_ONE,
+    "steps": AT_LEAST_ONE,
+    "batch_size": AT_LEAST_ONE,
+    "learning_rate": POSITIVE,
+    "warmup_steps": NON_NEGATIVE,
+    "min_lr_ratio": FRACTION,
+    "ema_decay": FRACTION,
+    "caption_dropout": FRACTION,
+    "snr_gamma": POSITIVE,
+    "token_loss_weight": NON_NEGATIVE,
+    "pixel_loss_weight": NON_NEGATIVE,
+    "padding_loss_weight": NON_NEGATIVE,
+    "modulated_fraction": FRACTION,
+    "modulation_min_timestep": Limit(0, 999),
+    "loose_region_fraction": FRACTION,
+    "checkpoint_every": AT_LEAST_ONE,
+    "log_every": AT_LEAST_ONE,
+}
 
 
 @dataclass
@@ -101,6 +124,9 @@ class GroundingConfig:
     loose_region_fraction: float = 0.0
     checkpoint_every: int = 100
     log_every: int = 25
+
+    def __post_init__(self) -> None:
+        check_fields(self, GROUNDING_LIMITS)
 
     @property
     def work(self) -> Path:
@@ -459,20 +485,12 @@ def export(config: GroundingConfig, unet: UNet2DConditionModel, text_encoder: CL
     return output
 
 
-def parse_args(argv: list[str] | None = None) -> GroundingConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for field in dataclasses.fields(GroundingConfig):
-        if field.name == "work_dir":
-            parser.add_argument("--work-dir", default=None)
-            continue
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
-    return GroundingConfig(**vars(parser.parse_args(argv)))
-
-
 def main(argv: list[str] | None = None) -> None:
-    info = ground_world(parse_args(argv))
-    print(json.dumps({k: v for k, v in info.items() if k != "config"}))
+    """``python -m realign_pipeline.shapes.ground_world``: the same as ``realign world ground``."""
+    from ..cli import main as cli_main
+
+    cli_main(["world", "ground", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

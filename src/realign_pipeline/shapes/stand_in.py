@@ -176,41 +176,12 @@ def probe_world(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m realign_pipeline.shapes.stand_in``: the three measurements on a world folder, as JSON."""
-    import argparse
-    import json
+    """``python -m realign_pipeline.shapes.stand_in``: the same as ``realign world probe``."""
+    import sys
 
-    from .data import DEVELOPMENT_SPLITS, EVALUATION_SPLITS, evaluation_prompts
-    from .ground_world import WORLD
+    from ..cli import main as cli_main
 
-    parser = argparse.ArgumentParser(description="Is the shapes world a stand-in for Stable Diffusion? (module doc)")
-    parser.add_argument("--world", default=str(WORLD), help="a shapes-world pipeline folder (default: the built-in)")
-    parser.add_argument(
-        "--split",
-        choices=("development", *EVALUATION_SPLITS),
-        default="development",
-        help="development (both development splits; the default, for every choice) or an evaluation split",
-    )
-    parser.add_argument("--prompts-per-category", type=int, default=16)
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    if args.prompts_per_category <= 0 or args.seeds <= 0 or args.threads <= 0:
-        parser.error("--prompts-per-category, --seeds and --threads must be positive")
-    torch.set_num_threads(args.threads)
-    splits = DEVELOPMENT_SPLITS if args.split == "development" else (args.split,)
-    prompts = [
-        prompt
-        for split in splits
-        for category in ("binding", "relation")
-        for prompt in evaluation_prompts(category, split, args.prompts_per_category)
-    ]
-    pipe = StableDiffusionPipeline.from_pretrained(args.world, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    result = probe_world(pipe, prompts, seeds=list(range(args.seeds)))
-    print(
-        json.dumps({"world": args.world, "split": args.split, "prompts": len(prompts), **result.summary()}, indent=2)
-    )
+    cli_main(["world", "probe", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
