@@ -862,6 +862,10 @@ class RealignAttnProcessor:
     re-weights the conditional half of the batch with ``attention_function`` (the fused
     ``reweighted_attention_fast`` by default; ``reweighted_attention_reference`` or any function with the
     same signature works).
+
+    ``torch.compile(unet)`` traces it into the UNet's one graph (no graph break): with the state's ``timestep``
+    and ``modulate`` as 0-d tensors every step of a run, re-weighted or not, runs that graph
+    (``tests/test_compile.py``).
     """
 
     def __init__(self, attention_function: AttentionFunction = reweighted_attention_fast) -> None:
