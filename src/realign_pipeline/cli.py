@@ -102,6 +102,42 @@ def load_or_usage_error(flag: str, value: str, load: Callable[[], Any]) -> Any:
         raise UsageError(f"{flag} {value}: cannot load it ({reason})") from None
 
 
+def captioner_from_args(args: argparse.Namespace, device: str, dtype: torch.dtype) -> Any:
+    """The dense captioner ``--captioner`` and its options name (``realign generate`` and ``realign app``)."""
+    from .captioners.factory import load_captioner
+
+    return load_captioner(
+        args.captioner,
+        device=device,
+        dtype=dtype,
+        image_captioner=args.image_captioner,
+        model=args.llm_model,
+        base_url=args.llm_base_url,
+        timeout=args.llm_timeout,
+        max_retries=args.llm_max_retries,
+    )
+
+
+def grounder_from_args(args: argparse.Namespace, name: str, device: str, dtype: torch.dtype) -> Any:
+    """The grounder ``name`` with the options ``--detector``, ``--segmenter``, thresholds and checkpoints give
+    (``realign generate`` and ``realign app``)."""
+    from .grounding.factory import load_grounder
+
+    return load_grounder(
+        name,
+        device=device,
+        dtype=dtype,
+        detector=args.detector,
+        segmenter=args.segmenter,
+        box_threshold=args.box_threshold,
+        text_threshold=args.text_threshold,
+        sam_checkpoint=args.sam_checkpoint,
+        sam_model_type=args.sam_model_type,
+        groundingdino_config=args.groundingdino_config,
+        groundingdino_checkpoint=args.groundingdino_checkpoint,
+    )
+
+
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
@@ -244,33 +280,10 @@ def run_generate(args: argparse.Namespace) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from .captioners.factory import load_captioner
-    from .grounding.factory import load_grounder
     from .pipeline_realign_diff import RealignDiffPipeline
 
-    captioner = load_captioner(
-        args.captioner,
-        device=device,
-        dtype=dtype,
-        image_captioner=args.image_captioner,
-        model=args.llm_model,
-        base_url=args.llm_base_url,
-        timeout=args.llm_timeout,
-        max_retries=args.llm_max_retries,
-    )
-    grounder = load_grounder(
-        args.grounder,
-        device=device,
-        dtype=dtype,
-        detector=args.detector,
-        segmenter=args.segmenter,
-        box_threshold=args.box_threshold,
-        text_threshold=args.text_threshold,
-        sam_checkpoint=args.sam_checkpoint,
-        sam_model_type=args.sam_model_type,
-        groundingdino_config=args.groundingdino_config,
-        groundingdino_checkpoint=args.groundingdino_checkpoint,
-    )
+    captioner = captioner_from_args(args, device, dtype)
+    grounder = grounder_from_args(args, args.grounder, device, dtype)
     components = {}
     if args.realign_unet is not None:
         components["unet"] = load_or_usage_error(

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..captioners.factory import CAPTIONER_NAMES, load_captioner
+from ..captioners.factory import CAPTIONER_NAMES
 from ..errors import UsageError
-from ..grounding.factory import GROUNDER_NAMES, load_grounder
+from ..grounding.factory import GROUNDER_NAMES
 from ..llm.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 
 # The built-in default model (what `realign demo` runs): the shapes world, its ReFL UNet and its grounder.
@@ -93,7 +93,7 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 def load_engine(args: argparse.Namespace):
     """The pipeline the page drives, loaded as ``args`` say (the shapes world by default)."""
     # Imported here: `realign --help` loads neither torch nor diffusers.
-    from ..cli import resolve_device, resolve_dtype
+    from ..cli import captioner_from_args, grounder_from_args, resolve_device, resolve_dtype
     from ..pipeline_realign_diff import RealignDiffPipeline
     from .engine import AppEngine
 
@@ -106,29 +106,8 @@ def load_engine(args: argparse.Namespace):
 
         grounder = ShapesGrounder()
     else:
-        grounder = load_grounder(
-            args.grounder or "attention",
-            device=device,
-            dtype=dtype,
-            detector=args.detector,
-            segmenter=args.segmenter,
-            box_threshold=args.box_threshold,
-            text_threshold=args.text_threshold,
-            sam_checkpoint=args.sam_checkpoint,
-            sam_model_type=args.sam_model_type,
-            groundingdino_config=args.groundingdino_config,
-            groundingdino_checkpoint=args.groundingdino_checkpoint,
-        )
-    captioner = load_captioner(
-        args.captioner,
-        device=device,
-        dtype=dtype,
-        image_captioner=args.image_captioner,
-        model=args.llm_model,
-        base_url=args.llm_base_url,
-        timeout=args.llm_timeout,
-        max_retries=args.llm_max_retries,
-    )
+        grounder = grounder_from_args(args, args.grounder or "attention", device, dtype)
+    captioner = captioner_from_args(args, device, dtype)
     unet_kwargs = {"realign_unet": args.realign_unet}
     if on_world and args.realign_unet is None:
         unet_kwargs = {"realign_unet": SHAPES_WORLD, "realign_unet_subfolder": SHAPES_WORLD_UNET}

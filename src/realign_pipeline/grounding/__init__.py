@@ -6,11 +6,10 @@ the package's own requirements. The original research packages are optional: `se
 imported only when their backend is built, never by importing this package.
 """
 
-import importlib
-from typing import Any
+from ..lazy_exports import lazy_exports
 
-# Names load on first use (PEP 562): importing the package (or its ``factory``, as ``realign --help`` does)
-# loads neither torch nor transformers.
+# Names load on first use (``lazy_exports``): importing the package (or its ``factory``, as ``realign --help``
+# does) loads neither torch nor transformers.
 _EXPORTS = {
     "BoxDetection": ".base",
     "BoxDetector": ".base",
@@ -37,12 +36,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
