@@ -60,6 +60,7 @@ from ..errors import UsageError
 from ..options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Limit, check_fields
 from ..toy_pipeline import write_clip_tokenizer_files
 from .data import EVAL_CATEGORIES, HELD_OUT_PAIRS, IMAGE_SIZE, VOCABULARY, evaluation_prompts, make_sample
+from .evaluate import category_result
 from .judge import judge
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -759,15 +760,15 @@ def evaluate_world(config: WorldConfig) -> dict:
             generator=generator,
         ).images
         verdicts = [judge(image, prompt) for image, prompt in zip(images, prompts)]
+        # Counted as `realign eval` counts them, as fractions here.
+        counts = category_result(category, verdicts, seconds=0.0)
         results[key] = {
-            "n": len(prompts),
-            "passed": float(np.mean([v.passed for v in verdicts])),
-            "objects_present": float(np.mean([v.objects_present for v in verdicts])),
-            "binding_correct": float(np.mean([v.binding_correct for v in verdicts])),
-            "count_correct": float(np.mean([v.count_correct for v in verdicts])),
-            "relation_correct": None
-            if category != "relation"
-            else float(np.mean([bool(v.relation_correct) for v in verdicts])),
+            "n": counts.n,
+            "passed": counts.passed / counts.n,
+            "objects_present": counts.objects_present / counts.n,
+            "binding_correct": counts.binding_correct / counts.n,
+            "count_correct": counts.count_correct / counts.n,
+            "relation_correct": None if counts.relation_correct is None else counts.relation_correct / counts.n,
             "examples": [v.as_dict() for v in verdicts[:4]],
         }
         grid.append(images[:8])
