@@ -24,8 +24,15 @@ def test_image_grid_quotes_paths_and_escapes_captions():
 
 
 def test_shapes_html_report_shows_each_configuration_and_every_verdict():
-    record = {"prompt": "a red circle", "passed": False, "reasons": ["red circle missing"]}
+    record = {
+        "prompt": "a red circle",
+        "prompt_index": 0,
+        "seed_index": 3,
+        "passed": False,
+        "reasons": ["red circle missing"],
+    }
     category = CategoryResult("binding", 1, 0, 0, 0, 0, None, 0.1, [record])
     result = ConfigurationResult(EvalConfiguration("base", "plain"), {"binding": category})
     page = html_report([result], "| table |")
     assert 'src="contact-sheet-base.png"' in page and "red circle missing" in page and "| table |" in page
+    assert "<td>3</td>" in page  # the verdict's seed
