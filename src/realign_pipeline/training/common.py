@@ -146,6 +146,7 @@ def denoise(
     latents: torch.Tensor,
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
+    *,
     guidance_scale: float,
     steps: Iterable[int],
     generator: torch.Generator | list[torch.Generator] | None,
@@ -180,6 +181,7 @@ def generate(
     prompts: Sequence[str],
     seeds: Sequence[int],
     config: TrainConfig,
+    *,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
@@ -208,9 +210,9 @@ def generate(
             latent.to(dtype),
             cond,
             uncond,
-            config.guidance_scale,
-            range(len(sampler.timesteps)),
-            generators,
+            guidance_scale=config.guidance_scale,
+            steps=range(len(sampler.timesteps)),
+            generator=generators,
         )
         latents.append(latent)
         images.append(decode_latents(components.vae, latent))

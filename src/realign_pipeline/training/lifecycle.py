@@ -190,7 +190,13 @@ def prepare_regularizer(run: Run) -> CaptionedImages | None:
             seeds = [10_000_000 + config.seed + index for index in range(count)]
             with accelerator.autocast():
                 _, images = generate(
-                    components, components.unet, chosen, seeds, config, accelerator.device, run.weight_dtype
+                    components,
+                    components.unet,
+                    chosen,
+                    seeds,
+                    config,
+                    device=accelerator.device,
+                    dtype=run.weight_dtype,
                 )
             temporary = folder.with_name(".tmp-regularizer")
             shutil.rmtree(temporary, ignore_errors=True)

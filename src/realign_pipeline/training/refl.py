@@ -99,7 +99,14 @@ def refl_loss(
     uncond = encode_prompts(components, [""] * batch_size, device).to(dtype) if use_cfg else None
     latents = initial_latents(components, batch_size, config.resolution, generator, device).to(dtype)
     latents = denoise(
-        sampling_unet, sampler, latents, cond, uncond, config.guidance_scale, range(grad_index), generator
+        sampling_unet,
+        sampler,
+        latents,
+        cond,
+        uncond,
+        guidance_scale=config.guidance_scale,
+        steps=range(grad_index),
+        generator=generator,
     )
 
     t = sampler.timesteps[grad_index]

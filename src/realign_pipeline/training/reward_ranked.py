@@ -174,7 +174,7 @@ def train_reward_ranked(config: TrainConfig, reward: Reward | None = None) -> Tr
             batch_prompts = [prompt] * len(seeds)
             with accelerator.autocast():
                 latents, images = generate(
-                    components, sampling_unet, batch_prompts, seeds, config, device, weight_dtype
+                    components, sampling_unet, batch_prompts, seeds, config, device=device, dtype=weight_dtype
                 )
                 with torch.no_grad():
                     total, info = reward(images, batch_prompts)

@@ -42,7 +42,9 @@ def validate(run: Run, tag: str, step: int | None = None) -> dict[str, float]:
         was_training = unet.training
         unet.eval()
         with accelerator.autocast():
-            _, images = generate(run.components, unet, prompts, seeds, config, accelerator.device, run.weight_dtype)
+            _, images = generate(
+                run.components, unet, prompts, seeds, config, device=accelerator.device, dtype=run.weight_dtype
+            )
         unet.train(was_training)
         scores = score_images(run.reward, images, prompts)
         means = {name: float(torch.nanmean(values.float())) for name, values in scores.items()}
