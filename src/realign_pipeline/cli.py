@@ -549,7 +549,11 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         "--output", type=Path, default=None, help="folder for results (default outputs/eval, outputs/layout-control)"
     )
     parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device (default: cpu for shapes and layout; t2i-compbench: accelerate's device per process)",
+    )
     layout = parser.add_argument_group("layout control (--benchmark layout)")
     layout.add_argument("--layout-unet", default="unet", help="the world's UNet subfolder (default unet)")
     layout.add_argument("--cross-attention-weight", type=non_negative_float, default=1.0, help="(default 1.0)")
@@ -570,6 +574,7 @@ def run_eval(args: argparse.Namespace) -> None:
         return
     args.steps = args.steps or SHAPES_STEPS
     args.guidance_scale = SHAPES_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
+    args.device = args.device or "cpu"
     if args.benchmark == "layout":
         run_layout_eval(args)
     else:

@@ -178,3 +178,20 @@ def test_two_cpu_processes_draw_disjoint_shards_and_merge_to_the_single_process_
     assert json.loads((output / "manifest.json").read_text())["num_processes"] == 2
     assert files_of(output) == files_of(reference[0])
     assert results_of(output) == results_of(reference[0])
+
+
+def test_realign_eval_dispatches_to_the_harness_with_its_defaults(tmp_path, capsys, monkeypatch):
+    from realign_pipeline import cli
+
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--benchmark", "t2i-compbench", "--output", str(output)])
+    assert exit_info.value.code == 2 and "--model: give a Stable Diffusion repo id" in capsys.readouterr().err
+    assert not output.exists()
+    seen = {}
+    monkeypatch.setattr("realign_pipeline.compbench.command.run_compbench_eval", lambda args: seen.update(vars(args)))
+    cli.main(["eval", "--benchmark", "t2i-compbench", "--model", "m"])
+    # T2I-CompBench's own generation settings, and no device forced: accelerate's device per process.
+    assert (seen["steps"], seen["guidance_scale"], seen["device"]) == (50, 7.5, None)
+    cli.main(["eval", "--benchmark", "t2i-compbench", "--model", "m", "--steps", "20", "--guidance-scale", "0"])
+    assert (seen["steps"], seen["guidance_scale"]) == (20, 0.0)
