@@ -114,6 +114,9 @@ class GroundingConfig:
     token_loss_weight: float = 0.3
     pixel_loss_weight: float = 0.05
     padding_loss_weight: float = 1.0
+    # Term 1 itself. False keeps the prompt in the padding (as the committed world reads it) and trains only the
+    # grounding terms and the modulated batches: a world that keeps its drawing and learns to follow regions.
+    blank_padding: bool = True
     # Share of batches trained with the re-weighting switched on over the true masks (DenseDiffusion's defaults
     # w = 1 cross, 0.3 self), all at one timestep in [modulation_min_timestep, T): the steps a 30% window of a
     # 25-step DDIM run modulates. The model then learns to follow its boosted word attention (see the module doc).
@@ -399,7 +402,7 @@ def ground_world(config: GroundingConfig) -> dict:
         padding = padding_positions(ids, tokenizer.eos_token_id)
         padding_loss = ((encoded - empty.detach()) ** 2).mean(-1)[padding].mean()
         # What the UNet sees: the words, then the empty prompt's end and padding (term 1).
-        seen = torch.where(padding[..., None], empty.expand_as(encoded), encoded)
+        seen = torch.where(padding[..., None], empty.expand_as(encoded), encoded) if config.blank_padding else encoded
         recorder = CrossAttentionRecorder(keep_graph=True)
         state = AttentionModulationState(
             latent_size=(latent_side, latent_side), recorder=recorder, conditional_half_only=False
