@@ -195,3 +195,24 @@ def test_realign_eval_dispatches_to_the_harness_with_its_defaults(tmp_path, caps
     assert (seen["steps"], seen["guidance_scale"], seen["device"]) == (50, 7.5, None)
     cli.main(["eval", "--benchmark", "t2i-compbench", "--model", "m", "--steps", "20", "--guidance-scale", "0"])
     assert (seen["steps"], seen["guidance_scale"]) == (20, 0.0)
+
+
+def test_the_spacy_parser_is_checked_before_any_image_is_drawn(tmp_path, capsys):
+    from realign_pipeline import cli
+
+    # Wherever spaCy or its English model is missing (as here, offline), the error says how to get them.
+    try:
+        import spacy
+
+        spacy.load("en_core_web_sm")
+        pytest.skip("spaCy's en_core_web_sm is installed here: there is nothing to refuse")
+    except (ImportError, OSError):
+        pass
+    output = tmp_path / "out"
+    model = str(tmp_path / "no-model")
+    arguments = ["eval", "--benchmark", "t2i-compbench", "--model", model, "--output", str(output)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*arguments, "--phrase-parser", "spacy", "--categories", "color", "--compbench-prompts", "1"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--phrase-parser spacy needs spaCy and its English model" in error
+    assert "--phrase-parser rule" in error and not output.exists()

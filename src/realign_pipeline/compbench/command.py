@@ -18,7 +18,7 @@ from ..errors import UsageError
 from ..prompts import T2I_COMPBENCH_CATEGORIES
 from .configurations import select_compbench_configurations
 from .options import DEFAULT_OUTPUT, add_compbench_arguments, positive_int
-from .phrases import load_phrase_parser
+from .phrases import PhraseParser, load_phrase_parser
 from .plan import category_prompts, plan_work, shard
 from .run import (
     MANIFEST_FILE,
@@ -101,9 +101,9 @@ def settings_from_args(args: argparse.Namespace) -> CompBenchSettings:
 class ScorerCache:
     """The category scorers, each model loaded on first use and shared by the categories that need it."""
 
-    def __init__(self, settings: CompBenchSettings, device: torch.device | str) -> None:
+    def __init__(self, settings: CompBenchSettings, device: torch.device | str, parser: PhraseParser) -> None:
         self.settings, self.device = settings, device
-        self.parser = load_phrase_parser(settings.phrase_parser)
+        self.parser = parser
         self.models: dict[str, object] = {}
         self.scorers: dict[str, object] = {}
 
@@ -153,6 +153,8 @@ def run_compbench_eval(args: argparse.Namespace) -> dict:
     from accelerate.utils import parse_flag_from_env
 
     settings = settings_from_args(args)
+    # Loaded before any image is drawn: a missing spaCy model must not surface only after hours of generation.
+    phrase_parser = load_phrase_parser(settings.phrase_parser)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     # PartialState, unlike Accelerator, does not read ACCELERATE_USE_CPU: without cpu=True, CPU processes
@@ -210,7 +212,7 @@ def run_compbench_eval(args: argparse.Namespace) -> dict:
     state.wait_for_everyone()
     rank = f"[{state.process_index}/{state.num_processes}]"
     drawn = generate_images(mine, settings, output, load_pipeline, load_grounder, device, progress, f"generate {rank}")
-    scored = score_items(mine, output, ScorerCache(settings, device), progress, f"score {rank}")
+    scored = score_items(mine, output, ScorerCache(settings, device, phrase_parser), progress, f"score {rank}")
     state.wait_for_everyone()
     paths = {}
     if state.is_main_process:

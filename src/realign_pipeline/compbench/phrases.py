@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Protocol
 
+from ..errors import UsageError
 from ..pipeline_realign_diff import PromptPhraseCaptioner
 from .options import PHRASE_PARSERS
 
@@ -105,14 +106,18 @@ class SpacyPhraseParser:
     name = "spacy"
 
     def __init__(self, model: str = "en_core_web_sm") -> None:
+        advice = (
+            "--phrase-parser spacy needs spaCy and its English model: `pip install spacy && python -m spacy "
+            f"download {model}`; or use --phrase-parser rule"
+        )
         try:
             import spacy
-        except ImportError as error:
-            raise ImportError(
-                "--phrase-parser spacy needs spaCy and its English model: `pip install spacy && python -m spacy "
-                "download en_core_web_sm`; or use --phrase-parser rule"
-            ) from error
-        self.nlp = spacy.load(model)
+        except ImportError:
+            raise UsageError(f"{advice} (spaCy is not installed)") from None
+        try:
+            self.nlp = spacy.load(model)
+        except OSError:
+            raise UsageError(f"{advice} (no spaCy model {model!r})") from None
 
     def noun_phrases(self, prompt: str) -> list[str]:
         return [chunk.text for chunk in self.nlp(prompt).noun_chunks]
