@@ -131,7 +131,7 @@ def test_a_resumed_run_continues_the_uninterrupted_run(tmp_path):
 
 
 def test_a_folder_without_model_index_is_refused_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match="`world`"):
+    with pytest.raises(ValueError, match=f"world {tmp_path}: not a shapes-world pipeline folder"):
         ground_world(GroundingConfig(world=str(tmp_path), output_dir=str(tmp_path / "out")))
 
 

@@ -138,20 +138,27 @@ def _check_folder_target(flag: str, value: str | Path | None) -> None:
         raise UsageError(f"{flag} {value}: a file is in the way; name a folder")
 
 
+def _config_with_output(config_class: type, args: argparse.Namespace) -> Any:
+    """``config_class`` read from ``--config`` and ``--set`` (``options.read_options``), its ``output_dir`` replaced
+    by ``--output`` when given and checked to be a folder (or not there yet)."""
+    import dataclasses
+
+    from ..options import read_options
+
+    config = read_options(config_class, args.config, args.overrides)
+    if args.output is not None:
+        config = dataclasses.replace(config, output_dir=args.output)
+    _check_folder_target("output_dir", config.output_dir)
+    return config
+
+
 def run_world_train(args: argparse.Namespace) -> dict:
     """Read the ``WorldConfig`` (file, ``--set``, ``--output``), check it, then train (or resume)."""
     _check_folder_target("--output", args.output)
     quiet_openmp_threads()
-    import dataclasses
-
-    from ..options import read_options
     from .train_world import WorldConfig, train_world
 
-    config = read_options(WorldConfig, args.config, args.overrides)
-    if args.output is not None:
-        config = dataclasses.replace(config, output_dir=args.output)
-    _check_folder_target("output_dir", config.output_dir)
-    return train_world(config)
+    return train_world(_config_with_output(WorldConfig, args))
 
 
 def run_world_finetune(args: argparse.Namespace, command: str | None = None) -> FinetuneResult:
@@ -206,17 +213,9 @@ def run_world_ground(args: argparse.Namespace) -> dict:
     """Read the ``GroundingConfig`` (file, ``--set``, ``--output``), check it, then ground (or resume)."""
     _check_folder_target("--output", args.output)
     quiet_openmp_threads()
-    import dataclasses
-
-    from ..options import read_options
     from .ground_world import GroundingConfig, ground_world
 
-    config = read_options(GroundingConfig, args.config, args.overrides)
-    if args.output is not None:
-        config = dataclasses.replace(config, output_dir=args.output)
-    _check_folder_target("output_dir", config.output_dir)
-    if not (Path(config.world) / "model_index.json").is_file():
-        raise UsageError(f"world {config.world}: not a shapes-world pipeline folder (no model_index.json)")
+    config = _config_with_output(GroundingConfig, args)
     info = ground_world(config)
     print(f"wrote {config.output_dir} ({info['steps']} steps)")
     return info

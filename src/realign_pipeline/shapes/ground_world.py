@@ -54,6 +54,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ..errors import UsageError
 from ..options import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Limit, check_fields
 from ..pipeline_realign_diff import (
     AttentionModulationState,
@@ -349,7 +350,7 @@ def ground_world(config: GroundingConfig) -> dict:
     torch.set_num_threads(config.num_threads)
     world = Path(config.world)
     if not (world / "model_index.json").is_file():
-        raise ValueError(f"`world` must be a shapes-world pipeline folder with a model_index.json, got {world}.")
+        raise UsageError(f"world {world}: not a shapes-world pipeline folder (no model_index.json)")
     tokenizer = CLIPTokenizer.from_pretrained(world, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(world, subfolder="text_encoder", dtype=torch.float32)
     unet = UNet2DConditionModel.from_pretrained(world, subfolder="unet", dtype=torch.float32)
