@@ -20,11 +20,13 @@ layout it is paired with, so plain's ``placed`` rate is the chance rate of that 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .data import IMAGE_SIZE, parse_prompt, phrase_for
 from .evaluate import paired_difference
@@ -195,6 +197,7 @@ def run_layout_control(
     num_inference_steps: int = 25,
     guidance_scale: float = 4.0,
     batch_size: int = 16,
+    show_progress: bool = True,
     **weights: float,
 ) -> LayoutControlResult:
     """Generate every case × seed plain and with its regions, from the same noise, and score both.
@@ -206,6 +209,8 @@ def run_layout_control(
     result = LayoutControlResult()
     latent = pipe.unet.config.sample_size
     prompts = list(dict.fromkeys(case.prompt for case in cases))
+    calls_per_seed = math.ceil(len(prompts) / batch_size) + math.ceil(len(cases) / batch_size)
+    bar = tqdm(total=len(seeds) * calls_per_seed, desc="layout control", unit="batch", disable=not show_progress)
     for seed in seeds:
         # The noise of (prompt, seed) depends on nothing else, so plain and re-weighted images share it.
         noise = {
@@ -226,6 +231,7 @@ def run_layout_control(
                 realign=False,
             ).images
             plain_images.update(zip(batch, images))
+            bar.update(1)
         for start in range(0, len(cases), batch_size):
             batch = cases[start : start + batch_size]
             images = pipe(
@@ -241,6 +247,8 @@ def run_layout_control(
                 result.realigned.append(score_placement(image, case))
                 result.kinds.append(case.kind)
                 result.prompts.append(case.prompt)
+            bar.update(1)
+    bar.close()
     return result
 
 
