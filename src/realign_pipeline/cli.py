@@ -585,8 +585,6 @@ def run_layout_eval(args: argparse.Namespace) -> None:
     """``realign eval --benchmark layout``: plain vs re-weighted placement on the world, paired, as a table."""
     import torch
 
-    if args.split == "held_out_seen":
-        raise UsageError("--split held_out_seen: layout control needs binding prompts of unseen or any pairing")
     unet_folder = Path(args.world) / args.layout_unet
     if not (unet_folder / "config.json").is_file():
         raise UsageError(f"--layout-unet {args.layout_unet}: no UNet at {unet_folder} (a folder with config.json)")
