@@ -46,6 +46,10 @@ def test_demo_says_which_model_it_used(tmp_path, capsys):
     records = json.loads((tmp_path / "demo" / "layouts.json").read_text())
     assert len(records) == 4 and all(record["regions"] for record in records)
     assert (tmp_path / "demo" / "panel.png").exists()
+    # Layout control on one prompt: its halves and their swap, each judged plain and re-weighted.
+    assert printed.count("layout control, ") == 2 and printed.count("halves swapped:") == 1
+    assert printed.count("judge, plain: in-region share") == 2 and printed.count("judge, re-weighted:") == 2
+    assert PIL.Image.open(tmp_path / "demo" / "layout-panel.png").width == 4 * 192
 
 
 def test_prompts_are_required():

@@ -384,6 +384,14 @@ def run_demo(args: argparse.Namespace) -> None:
             generator=torch.Generator().manual_seed(args.seed),
             coarse_stop_fraction=1.0,  # a full coarse pass, so the panel compares two finished images
         )
+        layout_demo = None
+        if folder == BUILTIN_WORLD:
+            from .shapes.layout_control import draw_layout_demo, layout_prompts
+
+            # Layout control (``realign eval --benchmark layout``) for one development prompt and seed.
+            layout_demo = draw_layout_demo(
+                pipe, layout_prompts("development", 1)[0], args.seed, args.steps, guidance_scale
+            )
     notes = None
     if folder == BUILTIN_WORLD:
         from .shapes import judge
@@ -403,7 +411,33 @@ def run_demo(args: argparse.Namespace) -> None:
         print(f"{layout.prompt!r}: {regions}")
         for line in notes[index] if notes else []:
             print(f"    {line}")
+    if layout_demo is not None:
+        write_layout_demo(layout_demo, out_folder)
     print(f"wrote coarse images, masks, final images and panel.png to {out_folder}")
+
+
+def write_layout_demo(demo: Any, folder: Path) -> Path:
+    """``layout-panel.png``: per layout, the plain image, each region over it, and the
+    re-weighted image, with the judge's in-region shares for both; the verdicts are printed too."""
+    from .shapes.layout_control import placement_note
+    from .visualize import save_layout_panels
+
+    notes = []
+    for case, plain, moved in zip(demo.cases, demo.plain_scores, demo.scores):
+        notes.append([placement_note("plain", case, plain), placement_note("re-weighted", case, moved)])
+        print(f"layout control, {case.prompt!r}, {case.kind}{' swapped' if case.swapped else ''}:")
+        for line in notes[-1]:
+            print(f"    {line}")
+    path = save_layout_panels(
+        demo.images,
+        demo.layouts,
+        folder / "layout-panel.png",
+        [demo.plain_image] * len(demo.images),
+        notes=notes,
+        labels=("plain", "re-weighted"),
+    )
+    print(f"wrote {path} (layout control: the same noise drawn plain and with each region layout)")
+    return path
 
 
 def _int_at_least(text: str, minimum: int, expected: str) -> int:

@@ -32,17 +32,21 @@ def layout_panel(
     coarse_image: PIL.Image.Image | None = None,
     tile_size: int = 192,
     caption_lines: Sequence[str] = (),
+    labels: tuple[str, str] = ("coarse", "final"),
 ) -> PIL.Image.Image:
     """One row: coarse image, one tile per region (mask over the coarse image, or over the final
-    image when there was no coarse pass), then the final image; captions under each tile."""
+    image when there was no coarse pass), then the final image; captions under each tile.
+
+    ``labels`` name the first and last tile (``("plain", "re-weighted")`` where the first image is the
+    same noise drawn without regions rather than a coarse pass)."""
     background = coarse_image if coarse_image is not None else final_image
     tiles: list[tuple[PIL.Image.Image, str]] = []
     if coarse_image is not None:
-        tiles.append((coarse_image, "coarse"))
+        tiles.append((coarse_image, labels[0]))
     for index, region in enumerate(layout.regions):
         colour = MASK_COLOURS[index % len(MASK_COLOURS)]
         tiles.append((overlay_mask(background, region.mask.numpy(), colour), f"{region.caption} [{region.source}]"))
-    tiles.append((final_image, "final"))
+    tiles.append((final_image, labels[1]))
     for dropped in layout.dropped:
         caption_lines = [*caption_lines, f"dropped {dropped.caption!r}: {dropped.reason}"]
 
@@ -67,6 +71,7 @@ def save_layout_panels(
     coarse_images: Sequence[PIL.Image.Image] | None = None,
     notes: Sequence[Sequence[str]] | None = None,
     tile_size: int = 192,
+    labels: tuple[str, str] = ("coarse", "final"),
 ) -> Path:
     """Stack one ``layout_panel`` per image into a single PNG at ``path``; returns the path."""
     if len(final_images) != len(layouts):
@@ -78,6 +83,7 @@ def save_layout_panels(
             coarse_images[index] if coarse_images is not None else None,
             tile_size=tile_size,
             caption_lines=notes[index] if notes is not None else (),
+            labels=labels,
         )
         for index, (image, layout) in enumerate(zip(final_images, layouts))
     ]

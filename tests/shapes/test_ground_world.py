@@ -18,6 +18,7 @@ from realign_pipeline.shapes.ground_world import (
     group_masks,
     grown_box_labels,
     loose_region_labels,
+    modulated_loss_weights,
     padding_positions,
     phrase_token_positions,
     pixel_grounding_loss,
@@ -225,11 +226,21 @@ def test_loose_layouts_always_contain_every_object_in_its_own_region():
     assert kinds == {"strips", "boxes"}
 
 
+def test_modulated_weights_are_min_snr_raised_to_the_capped_x0_weight():
+    snr = torch.tensor([0.01, 0.1, 0.5, 2.0, 10.0])
+    # Min-SNR-5 alone: 1 below SNR 5, 5/SNR above.
+    expected_min_snr = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5])
+    assert torch.allclose(modulated_loss_weights(snr, 5.0, 1.0), expected_min_snr)
+    # 1/SNR capped at 20: 20, 10, 2, then Min-SNR where it is larger.
+    assert torch.allclose(modulated_loss_weights(snr, 5.0, 20.0), torch.tensor([20.0, 10.0, 2.0, 1.0, 0.5]))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["steps=0"], "--set: steps must be"),
         (["modulated_fraction=1.5"], "--set: modulated_fraction must be"),
+        (["modulated_x0_weight_cap=0.5"], "--set: modulated_x0_weight_cap must be"),
         (["token_loss_weigth=0.1"], "did you mean 'token_loss_weight'?"),
         (["world=/no/such/world"], "world /no/such/world: not a shapes-world pipeline folder"),
     ],

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from realign_pipeline.cli import main
 from realign_pipeline.shapes.data import ObjectGroup, PromptSpec, Scene, ShapeObject, render_scene
@@ -12,8 +13,10 @@ from realign_pipeline.shapes.layout_control import (
     LayoutCase,
     LayoutControlResult,
     PlacementScore,
+    draw_layout_demo,
     format_layout_table,
     layout_cases,
+    placement_note,
     random_boxes,
     score_placement,
     strip_masks,
@@ -96,6 +99,46 @@ def test_an_object_not_drawn_counts_as_zero_and_not_present():
         image, LayoutCase("a red circle and a blue square", ("", ""), tuple(strip_masks(2, True)), "halves", False)
     )
     assert score.shares == [1.0, 0.0] and not score.present and not score.placed
+
+
+def test_placement_note_gives_each_objects_share_and_the_verdict():
+    case = LayoutCase("a red circle and a blue square", ("a red circle", "a blue square"), (), "halves", False)
+    assert (
+        placement_note("plain", case, PlacementScore([0.75, 1.0], True, True))
+        == "judge, plain: in-region share a red circle 0.75, a blue square 1.00: PLACED"
+    )
+    assert placement_note("x", case, PlacementScore([0.5, 1.0], False, True)).endswith(": not placed")
+    assert placement_note("x", case, PlacementScore([0.0, 1.0], False, False)).endswith("(an object is missing)")
+
+
+class RecordingPipeline:
+    """Records each call's keyword arguments and draws, for every prompt, the scene of the red circle on the left."""
+
+    def __init__(self):
+        self.unet = type("Unet", (), {"config": type("Config", (), {"sample_size": 16, "in_channels": 4})()})()
+        self.calls = []
+
+    def __call__(self, prompts, **kwargs):
+        self.calls.append(kwargs)
+        image = scene((6, 20, 24, 38), (40, 20, 58, 38))
+        return type("Output", (), {"images": [image] * len(prompts), "layouts": [None] * len(prompts)})()
+
+
+def test_the_layout_demo_draws_both_assignments_from_the_plain_images_noise():
+    pipe = RecordingPipeline()
+    demo = draw_layout_demo(pipe, "a red circle and a blue square", seed=3, num_inference_steps=5)
+    plain_call, realigned_call = pipe.calls
+    assert plain_call["realign"] is False and "regions" not in plain_call
+    assert torch.equal(realigned_call["latents"][0], plain_call["latents"][0])
+    assert torch.equal(realigned_call["latents"][1], plain_call["latents"][0])
+    left, right = strip_masks(2, vertical=True)
+    (first_red, first_blue), (second_red, second_blue) = realigned_call["regions"]
+    assert first_red[0] == "a red circle" and first_blue[0] == "a blue square"
+    assert np.array_equal(first_red[1], left) and np.array_equal(first_blue[1], right)
+    assert np.array_equal(second_red[1], right) and np.array_equal(second_blue[1], left)
+    # The drawn scene has the circle on the left: placed as first asked, not when swapped.
+    assert [score.placed for score in demo.scores] == [True, False] == [s.placed for s in demo.plain_scores]
+    assert plain_call["num_inference_steps"] == realigned_call["num_inference_steps"] == 5
 
 
 def test_summary_pairs_images_and_clusters_by_prompt():

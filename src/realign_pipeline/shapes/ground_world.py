@@ -87,6 +87,7 @@ GROUNDING_LIMITS: dict[str, Limit] = {
     "padding_loss_weight": NON_NEGATIVE,
     "modulated_fraction": FRACTION,
     "modulation_min_timestep": Limit(0, 999),
+    "modulated_x0_weight_cap": Limit(1.0, None),
     "loose_region_fraction": FRACTION,
     "checkpoint_every": AT_LEAST_ONE,
     "log_every": AT_LEAST_ONE,
@@ -126,6 +127,9 @@ class GroundingConfig:
     # Share of a modulated batch's scenes whose regions are loose (strips or grown boxes around each group, as a
     # user draws them) instead of the true masks: layouts at inference are halves and boxes, not silhouettes.
     loose_region_fraction: float = 0.0
+    # Modulated batches teach where objects go, which the ε-loss barely sees at the timesteps inference modulates
+    # (see ``modulated_loss_weights``). 1.0 weighs them as any other batch.
+    modulated_x0_weight_cap: float = 1.0
     checkpoint_every: int = 100
     log_every: int = 25
 
@@ -257,6 +261,19 @@ def pixel_grounding_loss(
     return (bce * present).sum() / present.sum().clamp(min=1)
 
 
+def modulated_loss_weights(snr: torch.Tensor, snr_gamma: float, x0_weight_cap: float) -> torch.Tensor:
+    """Per-timestep weights of a modulated batch's ε-loss: ``max(min(SNR, γ)/SNR, min(1/SNR, cap))``.
+
+    ``min(SNR, γ)/SNR`` is Min-SNR-γ (Hang et al., arXiv 2303.09556, Eq. 7, ε form), the weight of every
+    other batch. An error in the predicted clean latent shows up in ε scaled by √SNR, so at SNR ≪ 1 (the
+    early steps inference modulates, where the layout is chosen) where an object goes hardly moves the
+    ε-loss; ``1/SNR`` is the weight that turns the ε-loss into the x0-loss there, capped. With ``cap = 1``
+    (and ``γ ≥ 1``) this is Min-SNR-γ unchanged.
+    """
+    min_snr = torch.clamp(snr, max=snr_gamma) / snr
+    return torch.maximum(min_snr, torch.clamp(1.0 / snr, max=x0_weight_cap))
+
+
 def true_mask_regions(data: GroundingData, index: torch.Tensor, dropped: torch.Tensor, side: int) -> RegionTensors:
     """The batch's true layouts as the processor's regions: each latent cell to the group covering most of it
     (none where no group covers half of it), each group owning its words; no regions for dropped captions."""
@@ -373,6 +390,7 @@ def ground_world(config: GroundingConfig) -> dict:
     alphas_cumprod = noise_scheduler.alphas_cumprod
     snr = alphas_cumprod / (1 - alphas_cumprod)
     loss_weights = torch.clamp(snr, max=config.snr_gamma) / snr
+    modulated_weights = modulated_loss_weights(snr, config.snr_gamma, config.modulated_x0_weight_cap)
     length = tokenizer.model_max_length
     empty_ids = tokenizer([""], padding="max_length", max_length=length, return_tensors="pt").input_ids
     unet.set_attn_processor(RealignAttnProcessor())
@@ -420,7 +438,8 @@ def ground_world(config: GroundingConfig) -> dict:
             state.modulate, state.timestep = True, float(timesteps[0])
         prediction = unet(noisy, timesteps, seen, cross_attention_kwargs={"realign_state": state}).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
-        denoising_loss = (per_sample * loss_weights[timesteps]).mean()
+        weights = modulated_weights[timesteps] if modulated else loss_weights[timesteps]
+        denoising_loss = (per_sample * weights).mean()
 
         present = data.word_tokens[index].any(-1) & ~dropped[:, None]
         token_loss = pixel_loss = torch.zeros(())

@@ -252,6 +252,55 @@ def run_layout_control(
     return result
 
 
+@dataclass
+class LayoutDemo:
+    """One prompt drawn plain and under each of its layouts from the same noise, each image scored."""
+
+    cases: list[LayoutCase]
+    plain_image: object  # PIL image
+    images: list  # re-weighted, one per case
+    layouts: list  # the pipeline's ``Layout`` of each re-weighted image (its regions, as the panel draws them)
+    plain_scores: list[PlacementScore]
+    scores: list[PlacementScore]
+
+
+@torch.no_grad()
+def draw_layout_demo(
+    pipe, prompt: str, seed: int, num_inference_steps: int = 25, guidance_scale: float = 4.0, **weights: float
+) -> LayoutDemo:
+    """``prompt`` (two object groups) with its objects given the left and right halves, then swapped, both from
+    the noise of the plain image: what ``realign eval --benchmark layout`` measures, for one prompt and seed."""
+    cases = layout_cases([prompt], kinds=("halves",))
+    latent = pipe.unet.config.sample_size
+    noise = torch.randn(
+        (1, pipe.unet.config.in_channels, latent, latent), generator=torch.Generator().manual_seed(seed)
+    )
+    settings = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    plain_image = pipe([prompt], latents=noise, realign=False, **settings).images[0]
+    output = pipe(
+        [case.prompt for case in cases],
+        latents=noise.expand(len(cases), -1, -1, -1).clone(),
+        regions=[list(zip(case.phrases, case.masks)) for case in cases],
+        **settings,
+        **weights,
+    )
+    return LayoutDemo(
+        cases=cases,
+        plain_image=plain_image,
+        images=list(output.images),
+        layouts=list(output.layouts),
+        plain_scores=[score_placement(plain_image, case) for case in cases],
+        scores=[score_placement(image, case) for case, image in zip(cases, output.images)],
+    )
+
+
+def placement_note(name: str, case: LayoutCase, score: PlacementScore) -> str:
+    """One line of a panel: each object's share of pixels inside its region, and whether the image counts as placed."""
+    shares = ", ".join(f"{phrase} {share:.2f}" for phrase, share in zip(case.phrases, score.shares))
+    verdict = "PLACED" if score.placed else ("not placed" if score.present else "not placed (an object is missing)")
+    return f"judge, {name}: in-region share {shares}: {verdict}"
+
+
 def layout_prompts(split: str, count: int) -> list[str]:
     """The first ``count`` binding prompts (two or three object groups) of a split; ``"development"`` pools
     the development splits, as ``realign eval --split development`` does."""
