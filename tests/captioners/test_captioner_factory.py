@@ -1,3 +1,5 @@
+"""captioners.factory.load_captioner: each captioner by name, its options checked before any model loads."""
+
 import logging
 import time
 
@@ -6,31 +8,16 @@ import pytest
 from realign_pipeline import LocalCaption, PromptPhraseCaptioner
 from realign_pipeline.captioners import LLMDenseCaptioner, LLMFallbackWarning
 from realign_pipeline.captioners.factory import load_captioner
-from realign_pipeline.grounding import GroundedSamGrounder
-from realign_pipeline.grounding.factory import load_grounder
-from tests.grounding.tiny_grounding_models import save_tiny_grounding_dino, save_tiny_sam
 from tests.servers.openai_stub import STUB_API_KEY, OpenAIStub, chat_reply, error_reply, trickle_reply
 
 
-def test_rule_captioner_and_attention_grounder_need_no_model():
+def test_the_rule_captioner_needs_no_model():
     assert isinstance(load_captioner("rule"), PromptPhraseCaptioner)
-    assert load_grounder("attention") is None
 
 
-def test_unknown_names_are_refused_with_the_choices():
+def test_an_unknown_captioner_is_refused_with_the_choices():
     with pytest.raises(ValueError, match=r"`captioner` must be one of \('rule', 'openai'\)"):
         load_captioner("gpt")
-    with pytest.raises(ValueError, match="`grounder` must be one of"):
-        load_grounder("sam2")
-
-
-def test_backends_check_their_files_before_loading(tmp_path):
-    with pytest.raises(ValueError, match="`sam_checkpoint` is required"):
-        load_grounder("segment-anything")
-    with pytest.raises(ValueError, match="needs `groundingdino_config` and `groundingdino_checkpoint`"):
-        load_grounder("groundingdino-py", groundingdino_config=tmp_path / "cfg.py")
-    with pytest.raises(ValueError, match="`sam_checkpoint` must be an existing file"):
-        load_grounder("segment-anything", sam_checkpoint=tmp_path / "missing.pth")
 
 
 def test_openai_captioner_by_name_talks_to_the_server(tmp_path):
@@ -43,16 +30,6 @@ def test_openai_captioner_by_name_talks_to_the_server(tmp_path):
         captions = captioner(None, "a red book and a yellow vase")
         assert [c.text for c in captions] == ["a red book"]
         assert len(server.requests) == 1
-
-
-def test_grounding_sam_by_name_loads_both_models(tmp_path):
-    detector = save_tiny_grounding_dino(tmp_path / "dino")
-    segmenter = save_tiny_sam(tmp_path / "sam")
-    grounder = load_grounder(
-        "grounding-sam", detector=detector, segmenter=segmenter, device="cpu", box_threshold=0.0, text_threshold=0.0
-    )
-    assert isinstance(grounder, GroundedSamGrounder)
-    assert grounder.name == "grounding-dino+sam"
 
 
 def test_openai_captioner_by_name_takes_timeout_and_retries(tmp_path):
