@@ -14,6 +14,7 @@ from realign_pipeline.options import (
     describe_type,
     matches,
     read_options,
+    select_named,
 )
 
 
@@ -88,3 +89,14 @@ def test_model_sources_are_folders_with_their_files_or_hub_ids(tmp_path):
         check_model_source("--model", str(tmp_path / "model_index.json"), ["model_index.json"])
     with pytest.raises(UsageError, match=r"no such folder \(and not a Hub repo id such as owner/name\)$"):
         check_model_source("--model", "./outputs/run", ["model_index.json"])
+
+
+def test_select_named_keeps_the_order_given_and_names_every_mistake():
+    available = {"base": 1, "full": 2, "true": 3}
+    assert select_named(["true", "base"], available) == [3, 1]
+    with pytest.raises(ValueError, match=r"unknown row\(s\) \['fll'\]; expected some of \['base', 'full', 'true'\]"):
+        select_named(["fll"], available, what="row")
+    with pytest.raises(ValueError, match=r"configuration\(s\) named more than once: \['base'\]"):
+        select_named(["base", "full", "base"], available)
+    with pytest.raises(ValueError, match="no configurations selected"):
+        select_named([], available)

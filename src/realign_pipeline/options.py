@@ -34,6 +34,23 @@ T = TypeVar("T")
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
+def select_named(names: Sequence[str], available: Mapping[str, T], what: str = "configuration") -> list[T]:
+    """``available[name]`` for each of ``names``, in the order given (the rows of a table).
+
+    An unknown name, a name given twice or no name at all is a ``ValueError`` that lists the choices.
+    """
+    names = list(names)
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; expected some of {list(available)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{what}(s) named more than once: {repeated}")
+    if not names:
+        raise ValueError(f"no {what}s selected")
+    return [available[name] for name in names]
+
+
 @dataclass(frozen=True)
 class Limit:
     """The numbers a numeric option may take: ``low`` and ``high`` (``None``: unbounded), each included

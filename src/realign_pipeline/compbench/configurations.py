@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from ..options import select_named
+
 COMPBENCH_GROUNDERS: tuple[str, ...] = ("attention", "grounding-sam")
 GROUNDED_FULL = "fine-tuned UNet + re-weighting with Grounding DINO + SAM masks (RealignDiff)"
 
@@ -71,17 +73,8 @@ def select_compbench_configurations(
     names: Sequence[str] | None, has_finetuned_unet: bool
 ) -> list[CompBenchConfiguration]:
     """The configurations named (the default set if ``None``), in the order given, checked against the run."""
-    available = {c.name: c for c in ALL_CONFIGURATIONS}
-    names = default_configuration_names(has_finetuned_unet) if names is None else list(names)
-    unknown = [name for name in names if name not in available]
-    if unknown:
-        raise ValueError(f"unknown configuration(s) {unknown}; expected some of {list(COMPBENCH_CONFIGURATION_NAMES)}")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ValueError(f"configuration(s) named more than once: {repeated}")
-    if not names:
-        raise ValueError("no configurations selected")
-    selected = [available[name] for name in names]
+    names = default_configuration_names(has_finetuned_unet) if names is None else names
+    selected = select_named(names, {c.name: c for c in ALL_CONFIGURATIONS})
     needing = [c.name for c in selected if c.unet == "finetuned"]
     if needing and not has_finetuned_unet:
         raise ValueError(f"configuration(s) {needing} need a fine-tuned UNet: give --realign-unet")

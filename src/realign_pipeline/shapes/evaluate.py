@@ -41,6 +41,7 @@ import PIL.ImageFont
 import torch
 from tqdm.auto import tqdm
 
+from ..options import select_named
 from ..pipeline_realign_diff import Layout, RealignDiffPipeline
 from .data import (
     EVAL_CATEGORIES,
@@ -125,16 +126,7 @@ CONFIGURATION_NAMES: tuple[str, ...] = tuple(configuration.name for configuratio
 def select_configurations(names: Sequence[str] | None = None, full_unet: str = "unet-refl") -> list[EvalConfiguration]:
     """The default configurations named in ``names`` (all of them if ``None``), in the order given."""
     available = {configuration.name: configuration for configuration in default_configurations(full_unet)}
-    names = list(CONFIGURATION_NAMES if names is None else names)
-    unknown = [name for name in names if name not in available]
-    if unknown:
-        raise ValueError(f"unknown configuration(s) {unknown}; expected some of {list(CONFIGURATION_NAMES)}")
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"configuration(s) named more than once: {duplicates}")
-    if not names:
-        raise ValueError("no configurations selected")
-    return [available[name] for name in names]
+    return select_named(CONFIGURATION_NAMES if names is None else names, available)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
