@@ -9,6 +9,7 @@ names them.
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 from ..captioners.factory import CAPTIONER_NAMES
@@ -130,8 +131,10 @@ def run_app(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: must be in 0..65535")
     engine = load_engine(args)
-    demo = build_app(engine, default_prompt=_default_prompt(engine))
-    launch(demo, host=args.host, port=args.port, block=True)
+    # The files offered for download live as long as the server: removed when it stops with Ctrl-C.
+    with tempfile.TemporaryDirectory(prefix="realign-app-") as files_folder:
+        demo = build_app(engine, default_prompt=_default_prompt(engine), files_folder=files_folder)
+        launch(demo, host=args.host, port=args.port, block=True)
 
 
 def _default_prompt(engine) -> str:

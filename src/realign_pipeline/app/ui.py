@@ -264,12 +264,13 @@ class Page:
 
 
 def build_app(engine: AppEngine, default_prompt: str, files_folder: str | Path | None = None) -> gr.Blocks:
-    """The page for ``engine``. Files offered for download are written under ``files_folder`` (a temporary
-    folder by default)."""
+    """The page for ``engine``. Files offered for download are written under ``files_folder`` (by default a
+    new temporary folder, which the caller removes; ``realign app`` removes its own when the server stops).
+    Gradio's copies of them, in its cache, are deleted once an hour when older than an hour."""
     page = Page(engine, Path(files_folder or tempfile.mkdtemp(prefix="realign-app-")))
     height, width = page.height, page.width
     defaults = RealignSettings()
-    with gr.Blocks(title="RealignDiff", analytics_enabled=False) as demo:
+    with gr.Blocks(title="RealignDiff", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         view_state = gr.State(None)
         gr.Markdown(
             "## RealignDiff: draft, correct the regions, realign\n"
