@@ -30,6 +30,8 @@ from .training.command import add_push_parser, add_train_parser
 if TYPE_CHECKING:
     import torch
 
+    from .shapes.layout_control import LayoutDemo
+
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 # The shapes world's benchmarks' defaults (`realign eval`, --benchmark shapes and layout): 25 DDIM steps at
 # guidance 4, four seeds per prompt for the ablation and eight per layout for layout control.
@@ -416,7 +418,7 @@ def run_demo(args: argparse.Namespace) -> None:
     print(f"wrote coarse images, masks, final images and panel.png to {out_folder}")
 
 
-def write_layout_demo(demo: Any, folder: Path) -> Path:
+def write_layout_demo(demo: LayoutDemo, folder: Path) -> Path:
     """``layout-panel.png``: per layout, the plain image, each region over it, and the
     re-weighted image, with the judge's in-region shares for both; the verdicts are printed too."""
     from .shapes.layout_control import placement_note

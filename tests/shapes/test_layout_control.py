@@ -141,6 +141,13 @@ def test_the_layout_demo_draws_both_assignments_from_the_plain_images_noise():
     assert plain_call["num_inference_steps"] == realigned_call["num_inference_steps"] == 5
 
 
+def test_the_layout_demo_refuses_a_prompt_without_two_objects_before_drawing():
+    pipe = RecordingPipeline()
+    with pytest.raises(ValueError, match="`prompt` must name two object groups"):
+        draw_layout_demo(pipe, "a red circle and a blue square and a green triangle", seed=0)
+    assert pipe.calls == []
+
+
 def test_summary_pairs_images_and_clusters_by_prompt():
     one = LayoutCase("a red circle and a blue square", ("", ""), (), "halves", False)
     two = LayoutCase("a red circle and a green square", ("", ""), (), "boxes", False)

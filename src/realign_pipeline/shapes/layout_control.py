@@ -23,14 +23,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
 from .data import IMAGE_SIZE, parse_prompt, phrase_for
 from .evaluate import paired_difference
 from .judge import judge
+
+if TYPE_CHECKING:
+    from ..pipeline_realign_diff import Layout
 
 PLACED_SHARE = 0.7
 LAYOUT_KINDS = ("halves", "thirds", "boxes")
@@ -257,9 +262,9 @@ class LayoutDemo:
     """One prompt drawn plain and under each of its layouts from the same noise, each image scored."""
 
     cases: list[LayoutCase]
-    plain_image: object  # PIL image
-    images: list  # re-weighted, one per case
-    layouts: list  # the pipeline's ``Layout`` of each re-weighted image (its regions, as the panel draws them)
+    plain_image: PIL.Image.Image
+    images: list[PIL.Image.Image]  # re-weighted, one per case
+    layouts: list[Layout]  # the pipeline's layout of each re-weighted image (its regions, as the panel draws them)
     plain_scores: list[PlacementScore]
     scores: list[PlacementScore]
 
@@ -270,6 +275,8 @@ def draw_layout_demo(
 ) -> LayoutDemo:
     """``prompt`` (two object groups) with its objects given the left and right halves, then swapped, both from
     the noise of the plain image: what ``realign eval --benchmark layout`` measures, for one prompt and seed."""
+    if len(parse_prompt(prompt).groups) != 2:
+        raise ValueError(f"`prompt` must name two object groups (one per half), got {prompt!r}.")
     cases = layout_cases([prompt], kinds=("halves",))
     latent = pipe.unet.config.sample_size
     noise = torch.randn(
