@@ -194,6 +194,15 @@ def _metric_of(score: PlacementScore, metric: str) -> float:
     return float(getattr(score, metric))
 
 
+def initial_noise(pipe, seed: int) -> torch.Tensor:
+    """One image's initial latents, ``(1, C, h, w)`` for the pipeline's UNet, from a CPU generator seeded ``seed``:
+    the same on every device, so a plain and a re-weighted image can start from it."""
+    latent = pipe.unet.config.sample_size
+    return torch.randn(
+        (1, pipe.unet.config.in_channels, latent, latent), generator=torch.Generator().manual_seed(seed)
+    )
+
+
 @torch.no_grad()
 def run_layout_control(
     pipe,
@@ -212,19 +221,12 @@ def run_layout_control(
     scored against each of its cases.
     """
     result = LayoutControlResult()
-    latent = pipe.unet.config.sample_size
     prompts = list(dict.fromkeys(case.prompt for case in cases))
     calls_per_seed = math.ceil(len(prompts) / batch_size) + math.ceil(len(cases) / batch_size)
     bar = tqdm(total=len(seeds) * calls_per_seed, desc="layout control", unit="batch", disable=not show_progress)
     for seed in seeds:
         # The noise of (prompt, seed) depends on nothing else, so plain and re-weighted images share it.
-        noise = {
-            prompt: torch.randn(
-                (1, pipe.unet.config.in_channels, latent, latent),
-                generator=torch.Generator().manual_seed(seed * 100_003 + index),
-            )
-            for index, prompt in enumerate(prompts)
-        }
+        noise = {prompt: initial_noise(pipe, seed * 100_003 + index) for index, prompt in enumerate(prompts)}
         plain_images = {}
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
@@ -278,10 +280,7 @@ def draw_layout_demo(
     if len(parse_prompt(prompt).groups) != 2:
         raise ValueError(f"`prompt` must name two object groups (one per half), got {prompt!r}.")
     cases = layout_cases([prompt], kinds=("halves",))
-    latent = pipe.unet.config.sample_size
-    noise = torch.randn(
-        (1, pipe.unet.config.in_channels, latent, latent), generator=torch.Generator().manual_seed(seed)
-    )
+    noise = initial_noise(pipe, seed)
     settings = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
     plain_image = pipe([prompt], latents=noise, realign=False, **settings).images[0]
     output = pipe(
