@@ -106,6 +106,8 @@ def test_the_checkpoint_holds_weights_adam_moments_ema_and_rng(tmp_path):
     assert len(state["ema"]) == len(state["optimizer"]["state"]) == len(unet)
     assert all({"exp_avg", "exp_avg_sq", "step"} <= set(moments) for moments in state["optimizer"]["state"].values())
     assert not torch.equal(state["generator"], torch.Generator().manual_seed(config.seed + 40).get_state())
+    # The starting world's card is replaced by one describing this folder.
+    assert "# run: the shapes world with grounded words" in (tmp_path / "run" / "README.md").read_text()
 
 
 @pytest.mark.slow
@@ -254,3 +256,72 @@ def test_realign_world_ground_refuses_bad_options_before_any_work(tmp_path, caps
         main([*arguments, *(item for override in overrides for item in ("--set", override))])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not output.exists() and not (tmp_path / "grounded-work").exists()
+
+
+def test_from_scratch_starts_from_a_seeded_fresh_copy_of_the_architecture():
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from realign_pipeline.shapes.ground_world import fresh_models
+
+    text_encoder = CLIPTextModel.from_pretrained(WORLD, subfolder="text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(WORLD, subfolder="unet")
+    first_text, first_unet = fresh_models(text_encoder, unet, seed=3)
+    second_text, second_unet = fresh_models(text_encoder, unet, seed=3)
+    other_text, _ = fresh_models(text_encoder, unet, seed=4)
+    assert first_unet.config == unet.config and first_text.config.to_dict() == text_encoder.config.to_dict()
+    world_weights, fresh_weights = unet.state_dict(), first_unet.state_dict()
+    assert set(world_weights) == set(fresh_weights)
+    assert not torch.equal(world_weights["conv_in.weight"].float(), fresh_weights["conv_in.weight"])
+    assert all(torch.equal(value, second_unet.state_dict()[name]) for name, value in fresh_weights.items())
+    assert all(torch.equal(value, second_text.state_dict()[name]) for name, value in first_text.state_dict().items())
+    assert not torch.equal(
+        first_text.get_input_embeddings().weight,
+        other_text.get_input_embeddings().weight,
+    )
+    assert all(param.dtype == torch.float32 for param in first_unet.parameters())
+
+
+def test_the_card_command_repeats_the_run_through_the_real_command_line(tmp_path):
+    import shlex
+
+    from realign_pipeline.cli import build_parser
+    from realign_pipeline.shapes.command import _config_with_output
+    from realign_pipeline.shapes.ground_world import grounding_command
+
+    config = GroundingConfig(
+        output_dir=str(tmp_path / "g"), steps=10, blank_padding=False, from_scratch=True, learning_rate=1e-3
+    )
+    command = grounding_command(config)
+    assert command == (
+        f"realign world ground --output {tmp_path / 'g'} --set steps=10 --set learning_rate=0.001 "
+        "--set blank_padding=false --set from_scratch=true"
+    )
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert _config_with_output(GroundingConfig, args) == config
+    assert grounding_command(GroundingConfig(output_dir="x")) == "realign world ground --output x"
+
+
+def test_the_grounded_card_says_how_the_folder_was_made(tmp_path):
+    from realign_pipeline.shapes.ground_world import write_grounded_card
+
+    config = GroundingConfig(
+        output_dir=str(tmp_path / "gw"), steps=7, from_scratch=True, modulated_fraction=0.5, token_loss_weight=0.2
+    )
+    (tmp_path / "gw" / "unet").mkdir(parents=True)
+    (tmp_path / "gw" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 2_000_000)
+    info = {"steps": 7, "seconds_this_run": 90.0, "last_losses": {"step": 7, "denoising": 0.0123, "token": 0.5}}
+    card = write_grounded_card(config, info).read_text()
+    assert card.startswith("---\n") and "library_name: diffusers" in card
+    assert "# gw: the shapes world with grounded words" in card
+    assert "were trained from a fresh initialisation" in card
+    assert f"realign world ground --output {tmp_path / 'gw'} --set steps=7 --set token_loss_weight=0.2" in card
+    assert "7 optimizer steps of batch 32" in card and "1.5 min" in card
+    assert "token loss (arXiv 2312.03626, Eq. 3), weight 0.2" in card
+    assert "re-weighting on in 50% of batches" in card and "**Trained with re-weighting on.**" in card
+    assert "denoising 0.0123, token 0.5" in card
+    assert "- `unet/diffusion_pytorch_model.safetensors`: 2.00 MB" in card
+    fine_tuned = GroundingConfig(output_dir=str(tmp_path / "gw"), blank_padding=False)
+    card = write_grounded_card(fine_tuned, {"steps": 1, "seconds_this_run": 6.0}).read_text()
+    assert f"fine-tuned from `{fine_tuned.world}`" in card and "padding kept" in card
+    assert "re-weighting on" not in card and "none logged" in card

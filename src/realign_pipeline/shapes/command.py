@@ -78,8 +78,8 @@ def add_world_parser(subparsers: Any) -> argparse.ArgumentParser:
         "ground",
         help="fine-tune the world so its object words carry the objects (TokenCompose losses); resumable",
         description="Fine-tune a world's UNet and text encoder with blanked padding and TokenCompose's token and "
-        "pixel losses on the renderer's masks (realign_pipeline.shapes.ground_world); resumes from "
-        "<output>-work/.",
+        "pixel losses on the renderer's masks (realign_pipeline.shapes.ground_world), or train them so from a "
+        "fresh initialisation (--set from_scratch=true); resumes from <output>-work/.",
     )
     ground.add_argument("--output", default=None, help="the grounded world's folder (default: GroundingConfig's)")
     add_config_arguments(ground, required=False, what="GroundingConfig options (realign_pipeline.shapes.ground_world)")

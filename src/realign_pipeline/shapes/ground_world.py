@@ -9,8 +9,9 @@ its prompt from the padding: CLIP's text encoder is causal, so every position af
 trained from scratch found it easiest to attend there (95% of its 16×16 cross-attention). Boosting a
 region's words then changes nothing.
 
-How. The world's UNet and text encoder are fine-tuned on rendered scenes, whose true object masks the
-renderer gives for free, with three terms beside the ordinary denoising loss:
+How. The world's UNet and text encoder are fine-tuned (or, with ``from_scratch``, trained from a fresh
+initialisation of the same architecture) on rendered scenes, whose true object masks the renderer gives for
+free, with three terms beside the ordinary denoising loss:
 
 1. **Blank padding.** Positions from ``<|endoftext|>`` on are replaced, in what the UNet sees, by
    the empty prompt's encodings, and the text encoder is pulled to produce exactly those there
@@ -31,14 +32,16 @@ renderer gives for free, with three terms beside the ordinary denoising loss:
    re-weighting works training-free. Its model card says which terms made it.
 
 The result stays an ordinary diffusers ``StableDiffusionPipeline`` folder (same architecture, same
-tokenizer, VAE and captioner as the world it starts from). One resumable, seeded command: the state is
-checkpointed as safetensors (weights, optimizer moments, EMA, RNG) every ``checkpoint_every`` steps.
+tokenizer, VAE and captioner as the world it starts from), with a model card that says how it was made. One
+resumable, seeded command: the state is checkpointed as safetensors (weights, optimizer moments, EMA, RNG)
+every ``checkpoint_every`` steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -119,6 +122,10 @@ class GroundingConfig:
     # Term 1 itself. False keeps the prompt in the padding (as the committed world reads it) and trains only the
     # grounding terms and the modulated batches: a world that keeps its drawing and learns to follow regions.
     blank_padding: bool = True
+    # Train the UNet and text encoder from a fresh (seeded) initialisation of the world's architecture, with the
+    # grounding terms from the first step, instead of fine-tuning the world's weights: a model that never learnt
+    # to read its prompt from the padding. Tokenizer, VAE, scheduler and captioner stay the world's.
+    from_scratch: bool = False
     # Share of batches trained with the re-weighting switched on over the true masks (DenseDiffusion's defaults
     # w = 1 cross, 0.3 self), all at one timestep in [modulation_min_timestep, T): the steps a 30% window of a
     # 25-step DDIM run modulates. The model then learns to follow its boosted word attention (see the module doc).
@@ -362,6 +369,18 @@ def loose_region_labels(masks: torch.Tensor, generator: torch.Generator) -> torc
 # training
 
 
+def fresh_models(
+    text_encoder: CLIPTextModel, unet: UNet2DConditionModel, seed: int
+) -> tuple[CLIPTextModel, UNet2DConditionModel]:
+    """New, randomly initialised models of the same architecture as ``text_encoder`` and ``unet`` (seeded by
+    ``seed``), in float32: the starting point of ``from_scratch`` training."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        fresh_text_encoder = CLIPTextModel(text_encoder.config).float()
+        fresh_unet = UNet2DConditionModel.from_config(unet.config).float()
+    return fresh_text_encoder, fresh_unet
+
+
 def ground_world(config: GroundingConfig) -> dict:
     """Fine-tune (or resume fine-tuning) the world's UNet and text encoder; write the grounded folder."""
     torch.set_num_threads(config.num_threads)
@@ -371,6 +390,8 @@ def ground_world(config: GroundingConfig) -> dict:
     tokenizer = CLIPTokenizer.from_pretrained(world, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(world, subfolder="text_encoder", dtype=torch.float32)
     unet = UNet2DConditionModel.from_pretrained(world, subfolder="unet", dtype=torch.float32)
+    if config.from_scratch:
+        text_encoder, unet = fresh_models(text_encoder, unet, config.seed)
     vae = AutoencoderKL.from_pretrained(world, subfolder="vae", dtype=torch.float32)
     noise_scheduler = DDPMScheduler.from_pretrained(world, subfolder="scheduler")
     latent_side = unet.config.sample_size
@@ -491,8 +512,146 @@ def ground_world(config: GroundingConfig) -> dict:
     export(config, unet, text_encoder)
     info = {"steps": step, "resumed_from": start, "seconds_this_run": time.time() - started}
     info["config"] = dataclasses.asdict(config)
+    info["last_losses"] = last_logged_losses(log_file)
     (Path(config.output_dir) / "grounding_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_grounded_card(config, info)
     return info
+
+
+def last_logged_losses(log_file: Path) -> dict | None:
+    """The last line of the run's ``log.jsonl`` (losses averaged over ``log_every`` steps), or ``None``."""
+    if not log_file.is_file():
+        return None
+    lines = log_file.read_text().splitlines()
+    return json.loads(lines[-1]) if lines else None
+
+
+def grounding_command(config: GroundingConfig) -> str:
+    """The ``realign world ground`` command line that repeats this run: ``--output`` and one ``--set`` per option
+    that differs from its default (for the grounded world's model card)."""
+    parts = ["realign", "world", "ground", "--output", str(config.output_dir)]
+    defaults = GroundingConfig()
+    for field in dataclasses.fields(GroundingConfig):
+        value = getattr(config, field.name)
+        if field.name == "output_dir" or value == getattr(defaults, field.name):
+            continue
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        parts += ["--set", f"{field.name}={text}"]
+    return shlex.join(parts)
+
+
+# The grounded world's model card (huggingface_hub's ``ModelCard.from_template``, Jinja2). It replaces the card
+# copied from the starting world, which describes a model this folder no longer holds.
+GROUNDED_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ name }}: the shapes world with grounded words
+
+A standard diffusers `StableDiffusionPipeline` folder made by `realign_pipeline.shapes.ground_world`
+(issue [F]): its UNet and text encoder were {{ origin }}, with training terms that make each object's words,
+not the padding, carry the object and attend where it is drawn. Tokenizer, VAE, scheduler and captioner are
+those of `{{ config.world }}`.
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{{ config.output_dir }}")
+image = pipe("a red circle on the left of a blue square", num_inference_steps=25, guidance_scale=4.0).images[0]
+```
+
+## How it was made
+
+```
+{{ command }}
+```
+
+{{ steps }} optimizer steps of batch {{ config.batch_size }} on {{ config.num_images }} rendered scenes (held-out
+pairings excluded), AdamW lr {{ config.learning_rate }} (warm-up {{ config.warmup_steps }}, cosine to
+{{ config.min_lr_ratio }}×), EMA {{ config.ema_decay }} (the EMA weights are saved), {{ config.num_threads }}
+threads, {{ minutes }} min (this run; a resumed run counts only its own part).
+
+Terms beside the denoising loss (ε-prediction, Min-SNR-{{ config.snr_gamma }}):
+
+{{ term_lines }}
+
+Last logged losses (mean of {{ config.log_every }} steps): {{ losses }}
+{%- if config.modulated_fraction > 0 %}
+
+**Trained with re-weighting on.** This world learnt to follow DenseDiffusion's boosted word attention during
+training, so it tests the fine stage's *implementation* (the right tokens, pixels, steps and halves move
+objects; wrong ones do not). It is not evidence that the re-weighting works training-free, as it does on
+Stable Diffusion.
+{%- endif %}
+
+## Measuring it
+
+```
+realign world probe --world {{ config.output_dir }} --split development
+realign eval --benchmark layout --world {{ config.output_dir }} --split development
+```
+
+## Files
+
+{{ file_lines }}
+
+## Configuration
+
+```json
+{{ config_json }}
+```
+"""
+
+
+def grounding_term_lines(config: GroundingConfig) -> list[str]:
+    """One Markdown bullet per training term ``config`` switches on, with its weight."""
+    lines = []
+    if config.blank_padding:
+        lines.append(
+            f"- blank padding: the UNet sees the empty prompt's encodings from `<|endoftext|>` on, and the text "
+            f"encoder is pulled to produce them there (MSE, weight {config.padding_loss_weight})"
+        )
+    else:
+        lines.append("- padding kept: the UNet sees the text encoder's own end and padding encodings")
+    lines.append(f"- TokenCompose's token loss (arXiv 2312.03626, Eq. 3), weight {config.token_loss_weight}")
+    lines.append(f"- TokenCompose's pixel loss (Eq. 4), weight {config.pixel_loss_weight}")
+    if config.modulated_fraction > 0:
+        lines.append(
+            f"- re-weighting on in {config.modulated_fraction:.0%} of batches (timesteps "
+            f"≥ {config.modulation_min_timestep}), {config.loose_region_fraction:.0%} of their scenes with loose "
+            f"regions; their ε-loss weighted by max(Min-SNR, min(1/SNR, {config.modulated_x0_weight_cap}))"
+        )
+    return lines
+
+
+def write_grounded_card(config: GroundingConfig, info: dict) -> Path:
+    """``README.md`` of the grounded folder (``GROUNDED_CARD_TEMPLATE``): what was trained, from what, how."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    output = Path(config.output_dir)
+    sizes = {str(path.relative_to(output)): path.stat().st_size for path in sorted(output.rglob("*.safetensors"))}
+    losses = info.get("last_losses") or {}
+    card = ModelCard.from_template(
+        ModelCardData(
+            library_name="diffusers",
+            license="apache-2.0",
+            tags=["text-to-image", "stable-diffusion", "realign-pipeline", "shapes-world", "synthetic-data"],
+            pipeline_tag="text-to-image",
+        ),
+        template_str=GROUNDED_CARD_TEMPLATE,
+        config=config,
+        name=output.name,
+        origin="trained from a fresh initialisation" if config.from_scratch else f"fine-tuned from `{config.world}`",
+        command=grounding_command(config),
+        steps=info["steps"],
+        minutes=f"{info['seconds_this_run'] / 60:.1f}",
+        term_lines="\n".join(grounding_term_lines(config)),
+        losses=", ".join(f"{key} {value:.4g}" for key, value in losses.items() if key not in ("step", "s_per_step"))
+        or "none logged",
+        file_lines="\n".join(f"- `{name}`: {size / 1e6:.2f} MB" for name, size in sizes.items()),
+        config_json=json.dumps(dataclasses.asdict(config), indent=2),
+    )
+    card.save(output / "README.md")
+    return output / "README.md"
 
 
 def export(config: GroundingConfig, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> Path:
