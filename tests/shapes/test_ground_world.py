@@ -325,3 +325,16 @@ def test_the_grounded_card_says_how_the_folder_was_made(tmp_path):
     card = write_grounded_card(fine_tuned, {"steps": 1, "seconds_this_run": 6.0}).read_text()
     assert f"fine-tuned from `{fine_tuned.world}`" in card and "padding kept" in card
     assert "re-weighting on" not in card and "none logged" in card
+
+
+def test_stop_after_steps_checkpoints_and_exports_part_way(tmp_path):
+    config = GroundingConfig(
+        output_dir=str(tmp_path / "run"), num_images=4, steps=3, stop_after_steps=1, batch_size=2, log_every=1
+    )
+    assert ground_world(config)["steps"] == 1
+    assert load_checkpoint(tmp_path / "run-work" / "grounding.safetensors")["step"] == 1
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "1 optimizer steps" in card and "--set stop_after_steps=1" in card
+    # A checkpoint already past the stop exports it as it is, without training.
+    again = ground_world(GroundingConfig(**{**config.__dict__, "stop_after_steps": 1}))
+    assert again["steps"] == 1 and again["resumed_from"] == 1

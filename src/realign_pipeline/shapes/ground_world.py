@@ -78,6 +78,7 @@ GROUNDING_LIMITS: dict[str, Limit] = {
     "num_threads": AT_LEAST_ONE,
     "num_images": AT_LEAST_ONE,
     "steps": AT_LEAST_ONE,
+    "stop_after_steps": NON_NEGATIVE,
     "batch_size": AT_LEAST_ONE,
     "learning_rate": POSITIVE,
     "warmup_steps": NON_NEGATIVE,
@@ -108,6 +109,9 @@ class GroundingConfig:
     num_threads: int = 1
     num_images: int = 8000
     steps: int = 2500
+    # Stop (checkpoint and export the EMA weights) after this many steps while keeping the learning-rate schedule of
+    # ``steps``: a part-way look at a long run. Running again with a larger value, or 0 (run to ``steps``), continues.
+    stop_after_steps: int = 0
     batch_size: int = 32
     learning_rate: float = 2e-4
     warmup_steps: int = 100
@@ -416,11 +420,12 @@ def ground_world(config: GroundingConfig) -> dict:
     empty_ids = tokenizer([""], padding="max_length", max_length=length, return_tensors="pt").input_ids
     unet.set_attn_processor(RealignAttnProcessor())
     log_file = config.work / "log.jsonl"
-    bar = tqdm(total=config.steps, initial=step, desc="ground", mininterval=5.0, dynamic_ncols=True)
+    end = min(config.steps, config.stop_after_steps or config.steps)
+    bar = tqdm(total=end, initial=min(step, end), desc="ground", mininterval=5.0, dynamic_ncols=True)
     started, sums = time.time(), {}
     unet.train()
     text_encoder.train()
-    while step < config.steps:
+    while step < end:
         set_lr(optimizer, lr_at(step, config.learning_rate, config.steps, config.warmup_steps, config.min_lr_ratio))
         index = torch.randint(len(data.latents), (config.batch_size,), generator=generator)
         clean = data.latents[index]
@@ -501,7 +506,7 @@ def ground_world(config: GroundingConfig) -> dict:
                 handle.write(json.dumps(record) + "\n")
             tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
             sums = {}
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        if step % config.checkpoint_every == 0 or step == end:
             save_stage(checkpoint, step, models, optimizer, generator, ema)
     bar.close()
 
