@@ -266,9 +266,9 @@ def test_from_scratch_starts_from_a_seeded_fresh_copy_of_the_architecture():
 
     text_encoder = CLIPTextModel.from_pretrained(WORLD, subfolder="text_encoder")
     unet = UNet2DConditionModel.from_pretrained(WORLD, subfolder="unet")
-    first_text, first_unet = fresh_models(text_encoder, unet, seed=3)
-    second_text, second_unet = fresh_models(text_encoder, unet, seed=3)
-    other_text, _ = fresh_models(text_encoder, unet, seed=4)
+    first_text, first_unet = fresh_models(text_encoder.config, unet.config, seed=3)
+    second_text, second_unet = fresh_models(text_encoder.config, unet.config, seed=3)
+    other_text, _ = fresh_models(text_encoder.config, unet.config, seed=4)
     assert first_unet.config == unet.config and first_text.config.to_dict() == text_encoder.config.to_dict()
     world_weights, fresh_weights = unet.state_dict(), first_unet.state_dict()
     assert set(world_weights) == set(fresh_weights)
@@ -335,6 +335,6 @@ def test_stop_after_steps_checkpoints_and_exports_part_way(tmp_path):
     assert load_checkpoint(tmp_path / "run-work" / "grounding.safetensors")["step"] == 1
     card = (tmp_path / "run" / "README.md").read_text()
     assert "1 optimizer steps" in card and "--set stop_after_steps=1" in card
-    # A checkpoint already past the stop exports it as it is, without training.
-    again = ground_world(GroundingConfig(**{**config.__dict__, "stop_after_steps": 1}))
+    # Run again with a checkpoint already at the stop: it is exported as it is, without training.
+    again = ground_world(config)
     assert again["steps"] == 1 and again["resumed_from"] == 1

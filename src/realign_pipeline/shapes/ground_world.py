@@ -55,7 +55,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..errors import UsageError
 from ..options import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Limit, check_fields
@@ -67,7 +67,16 @@ from ..pipeline_realign_diff import (
     words_with_token_positions,
 )
 from .data import IMAGE_SIZE, Sample, make_sample, parse_prompt, phrase_for
-from .train_world import checkpoint_path, ema_update, lr_at, resume_stage, save_stage, set_lr
+from .train_world import (
+    checkpoint_path,
+    ema_update,
+    lr_at,
+    resume_stage,
+    save_stage,
+    set_lr,
+    weight_file_lines,
+    world_card_data,
+)
 
 WORLD = Path(__file__).with_name("world")
 MAX_GROUPS = 3  # scenes name at most three object groups
@@ -374,15 +383,15 @@ def loose_region_labels(masks: torch.Tensor, generator: torch.Generator) -> torc
 
 
 def fresh_models(
-    text_encoder: CLIPTextModel, unet: UNet2DConditionModel, seed: int
+    text_config: CLIPTextConfig, unet_config: dict, seed: int
 ) -> tuple[CLIPTextModel, UNet2DConditionModel]:
-    """New, randomly initialised models of the same architecture as ``text_encoder`` and ``unet`` (seeded by
-    ``seed``), in float32: the starting point of ``from_scratch`` training."""
+    """New, randomly initialised models of the architectures ``text_config`` and ``unet_config`` describe (seeded
+    by ``seed``), in float32: the starting point of ``from_scratch`` training."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        fresh_text_encoder = CLIPTextModel(text_encoder.config).float()
-        fresh_unet = UNet2DConditionModel.from_config(unet.config).float()
-    return fresh_text_encoder, fresh_unet
+        text_encoder = CLIPTextModel(text_config).float()
+        unet = UNet2DConditionModel.from_config(unet_config).float()
+    return text_encoder, unet
 
 
 def ground_world(config: GroundingConfig) -> dict:
@@ -392,10 +401,15 @@ def ground_world(config: GroundingConfig) -> dict:
     if not (world / "model_index.json").is_file():
         raise UsageError(f"world {world}: not a shapes-world pipeline folder (no model_index.json)")
     tokenizer = CLIPTokenizer.from_pretrained(world, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(world, subfolder="text_encoder", dtype=torch.float32)
-    unet = UNet2DConditionModel.from_pretrained(world, subfolder="unet", dtype=torch.float32)
     if config.from_scratch:
-        text_encoder, unet = fresh_models(text_encoder, unet, config.seed)
+        text_encoder, unet = fresh_models(
+            CLIPTextConfig.from_pretrained(world, subfolder="text_encoder"),
+            UNet2DConditionModel.load_config(world, subfolder="unet"),
+            config.seed,
+        )
+    else:
+        text_encoder = CLIPTextModel.from_pretrained(world, subfolder="text_encoder", dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(world, subfolder="unet", dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(world, subfolder="vae", dtype=torch.float32)
     noise_scheduler = DDPMScheduler.from_pretrained(world, subfolder="scheduler")
     latent_side = unet.config.sample_size
@@ -630,18 +644,12 @@ def grounding_term_lines(config: GroundingConfig) -> list[str]:
 
 def write_grounded_card(config: GroundingConfig, info: dict) -> Path:
     """``README.md`` of the grounded folder (``GROUNDED_CARD_TEMPLATE``): what was trained, from what, how."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     output = Path(config.output_dir)
-    sizes = {str(path.relative_to(output)): path.stat().st_size for path in sorted(output.rglob("*.safetensors"))}
     losses = info.get("last_losses") or {}
     card = ModelCard.from_template(
-        ModelCardData(
-            library_name="diffusers",
-            license="apache-2.0",
-            tags=["text-to-image", "stable-diffusion", "realign-pipeline", "shapes-world", "synthetic-data"],
-            pipeline_tag="text-to-image",
-        ),
+        world_card_data(),
         template_str=GROUNDED_CARD_TEMPLATE,
         config=config,
         name=output.name,
@@ -652,7 +660,7 @@ def write_grounded_card(config: GroundingConfig, info: dict) -> Path:
         term_lines="\n".join(grounding_term_lines(config)),
         losses=", ".join(f"{key} {value:.4g}" for key, value in losses.items() if key not in ("step", "s_per_step"))
         or "none logged",
-        file_lines="\n".join(f"- `{name}`: {size / 1e6:.2f} MB" for name, size in sizes.items()),
+        file_lines="\n".join(weight_file_lines(output)[0]),
         config_json=json.dumps(dataclasses.asdict(config), indent=2),
     )
     card.save(output / "README.md")

@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
@@ -62,6 +63,9 @@ from ..toy_pipeline import write_clip_tokenizer_files
 from .data import EVAL_CATEGORIES, HELD_OUT_PAIRS, IMAGE_SIZE, VOCABULARY, evaluation_prompts, make_sample
 from .evaluate import category_result
 from .judge import judge
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCardData
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -871,13 +875,31 @@ binding, relation, count).
 """
 
 
+def world_card_data() -> ModelCardData:
+    """The Hub metadata of a shapes-world pipeline folder's card: the trained world's and a grounded one's."""
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(
+        library_name="diffusers",
+        license="apache-2.0",
+        tags=["text-to-image", "stable-diffusion", "realign-pipeline", "shapes-world", "synthetic-data"],
+        pipeline_tag="text-to-image",
+    )
+
+
+def weight_file_lines(folder: Path) -> tuple[list[str], int]:
+    """One Markdown bullet per safetensors file under ``folder`` (its path and size in MB), and their total bytes."""
+    sizes = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*.safetensors"))}
+    return [f"- `{name}`: {size / 1e6:.2f} MB" for name, size in sizes.items()], sum(sizes.values())
+
+
 def write_model_card(config: WorldConfig, info: dict) -> None:
     """README.md in the output folder (``WORLD_CARD_TEMPLATE``): what the models are and exactly how they were
     made."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     output = Path(config.output_dir)
-    sizes = {str(path.relative_to(output)): path.stat().st_size for path in sorted(output.rglob("*.safetensors"))}
+    file_lines, total_bytes = weight_file_lines(output)
     evaluation = dict(info.get("evaluation", {}))
     roundtrip = evaluation.pop("vae_roundtrip", None)
     roundtrip_line = (
@@ -892,14 +914,8 @@ def write_model_card(config: WorldConfig, info: dict) -> None:
         f"{'' if value['relation_correct'] is None else format(value['relation_correct'], '.2f')} |"
         for key, value in evaluation.items()
     )
-    card_data = ModelCardData(
-        library_name="diffusers",
-        license="apache-2.0",
-        tags=["text-to-image", "stable-diffusion", "realign-pipeline", "shapes-world", "synthetic-data"],
-        pipeline_tag="text-to-image",
-    )
     card = ModelCard.from_template(
-        card_data,
+        world_card_data(),
         template_str=WORLD_CARD_TEMPLATE,
         config=config,
         folder_name=output.name,
@@ -910,8 +926,8 @@ def write_model_card(config: WorldConfig, info: dict) -> None:
         stage_lines="\n".join(f"- `{name}`: {json.dumps(value)}" for name, value in info["stages"].items()),
         rows=rows,
         roundtrip_line=roundtrip_line,
-        file_lines="\n".join(f"- `{name}`: {size / 1e6:.2f} MB" for name, size in sizes.items()),
-        total_mb=f"{sum(sizes.values()) / 1e6:.2f}",
+        file_lines="\n".join(file_lines),
+        total_mb=f"{total_bytes / 1e6:.2f}",
         config_json=json.dumps(dataclasses.asdict(config), indent=2, default=str),
     )
     card.save(output / "README.md")
