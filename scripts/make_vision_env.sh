@@ -5,6 +5,7 @@
 # main environment's CPU build of torch 2.13.0. This environment takes the matching pair instead, which pip
 # finds on this machine's disk on x86_64 (a CUDA build, about 5.5 GB; it runs on the CPU too), then the
 # package with its [sam,groundingdino,dev] extras. Every step is skipped when already satisfied.
+# Exits 3, before installing anything large, when the disk has too little room for the pair (VISION_ENV_NEEDED_MB).
 #
 # Override the pair with TORCH_VERSION / TORCHVISION_VERSION; PYTHON picks the interpreter (3.11 here).
 set -euo pipefail
@@ -35,6 +36,15 @@ from importlib.metadata import version
 
 sys.exit(0 if (version("torch"), version("torchvision")) == (sys.argv[1], sys.argv[2]) else 1)
 PY
+    # The pair fills several GB; a disk that cannot hold it would otherwise fail half-way through pip with
+    # "No space left on device". Exit 3 says "not enough disk" to the caller (the Makefile's test-vision).
+    NEEDED_MB="${VISION_ENV_NEEDED_MB:-7000}"
+    FREE_MB="$(df -Pm "$(dirname "$VENV")" | awk 'NR == 2 {print $4}')"
+    if [ "$FREE_MB" -lt "$NEEDED_MB" ]; then
+        echo "make_vision_env: torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION need about $NEEDED_MB MB" \
+            "free beside $VENV; $FREE_MB MB are free" >&2
+        exit 3
+    fi
     echo "make_vision_env: installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION"
     "$VENV/bin/pip" install --quiet "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
