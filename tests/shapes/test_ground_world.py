@@ -1,6 +1,7 @@
 """The grounding fine-tune of the shapes world: its losses on hand-made cases, its data, and resume."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,8 +324,12 @@ def test_the_grounded_card_says_how_the_folder_was_made(tmp_path):
     assert "- `unet/diffusion_pytorch_model.safetensors`: 2.00 MB" in card
     fine_tuned = GroundingConfig(output_dir=str(tmp_path / "gw"), blank_padding=False)
     card = write_grounded_card(fine_tuned, {"steps": 1, "seconds_this_run": 6.0}).read_text()
-    assert f"fine-tuned from `{fine_tuned.world}`" in card and "padding kept" in card
+    assert "fine-tuned from `realign_pipeline/shapes/world (the built-in world)`" in card and "padding kept" in card
     assert "re-weighting on" not in card and "none logged" in card
+    assert str(Path(fine_tuned.world).resolve()) not in card  # no absolute path of this machine
+    elsewhere = GroundingConfig(output_dir=str(tmp_path / "gw"), world="outputs/gw8")
+    card = write_grounded_card(elsewhere, {"steps": 1, "seconds_this_run": 6.0}).read_text()
+    assert "fine-tuned from `outputs/gw8`" in card and '"world": "outputs/gw8"' in card
 
 
 def test_stop_after_steps_checkpoints_and_exports_part_way(tmp_path):

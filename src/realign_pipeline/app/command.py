@@ -9,6 +9,7 @@ names them.
 from __future__ import annotations
 
 import argparse
+import signal
 import tempfile
 from pathlib import Path
 
@@ -131,10 +132,20 @@ def run_app(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: must be in 0..65535")
     engine = load_engine(args)
-    # The files offered for download live as long as the server: removed when it stops with Ctrl-C.
-    with tempfile.TemporaryDirectory(prefix="realign-app-") as files_folder:
-        demo = build_app(engine, default_prompt=_default_prompt(engine), files_folder=files_folder)
-        launch(demo, host=args.host, port=args.port, block=True)
+    # A service manager stops the server with SIGTERM, which by default ends Python without unwinding; taken as
+    # Ctrl-C, it makes gradio close the server and the ``with`` below remove the download folder.
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        # The files offered for download live as long as the server: removed when it stops.
+        with tempfile.TemporaryDirectory(prefix="realign-app-") as files_folder:
+            demo = build_app(engine, default_prompt=_default_prompt(engine), files_folder=files_folder)
+            launch(demo, host=args.host, port=args.port, block=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _default_prompt(engine) -> str:

@@ -570,7 +570,7 @@ GROUNDED_CARD_TEMPLATE = """---
 A standard diffusers `StableDiffusionPipeline` folder made by `realign_pipeline.shapes.ground_world`
 (issue [F]): its UNet and text encoder were {{ origin }}, with training terms that make each object's words,
 not the padding, carry the object and attend where it is drawn. Tokenizer, VAE, scheduler and captioner are
-those of `{{ config.world }}`.
+those of `{{ world }}`.
 
 ```python
 from diffusers import StableDiffusionPipeline
@@ -642,6 +642,14 @@ def grounding_term_lines(config: GroundingConfig) -> list[str]:
     return lines
 
 
+def starting_world_name(config: GroundingConfig) -> str:
+    """The world ``config`` starts from, as a card names it: the package's own world by its place in the package
+    (not this machine's absolute path to it), any other by the path given."""
+    if Path(config.world).resolve() == WORLD.resolve():
+        return "realign_pipeline/shapes/world (the built-in world)"
+    return config.world
+
+
 def write_grounded_card(config: GroundingConfig, info: dict) -> Path:
     """``README.md`` of the grounded folder (``GROUNDED_CARD_TEMPLATE``): what was trained, from what, how."""
     from huggingface_hub import ModelCard
@@ -653,7 +661,10 @@ def write_grounded_card(config: GroundingConfig, info: dict) -> Path:
         template_str=GROUNDED_CARD_TEMPLATE,
         config=config,
         name=output.name,
-        origin="trained from a fresh initialisation" if config.from_scratch else f"fine-tuned from `{config.world}`",
+        world=starting_world_name(config),
+        origin="trained from a fresh initialisation"
+        if config.from_scratch
+        else f"fine-tuned from `{starting_world_name(config)}`",
         command=grounding_command(config),
         steps=info["steps"],
         minutes=f"{info['seconds_this_run'] / 60:.1f}",
@@ -661,7 +672,7 @@ def write_grounded_card(config: GroundingConfig, info: dict) -> Path:
         losses=", ".join(f"{key} {value:.4g}" for key, value in losses.items() if key not in ("step", "s_per_step"))
         or "none logged",
         file_lines="\n".join(weight_file_lines(output)[0]),
-        config_json=json.dumps(dataclasses.asdict(config), indent=2),
+        config_json=json.dumps({**dataclasses.asdict(config), "world": starting_world_name(config)}, indent=2),
     )
     card.save(output / "README.md")
     return output / "README.md"
