@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from realign_pipeline.cli import main
-from realign_pipeline.shapes.data import ObjectGroup, PromptSpec, Scene, ShapeObject, render_scene
+from realign_pipeline.shapes.data import (
+    HELD_OUT_PAIRS,
+    ObjectGroup,
+    PromptSpec,
+    Scene,
+    ShapeObject,
+    parse_prompt,
+    render_scene,
+)
 from realign_pipeline.shapes.layout_control import (
     PLACED_SHARE,
     LayoutCase,
@@ -16,6 +24,7 @@ from realign_pipeline.shapes.layout_control import (
     draw_layout_demo,
     format_layout_table,
     layout_cases,
+    layout_prompts,
     placement_note,
     random_boxes,
     score_placement,
@@ -197,3 +206,12 @@ def test_realign_eval_layout_names_a_missing_unet_before_loading(tmp_path, capsy
     assert exit_info.value.code == 2
     assert "--layout-unet unet-nope: no UNet at" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_layout_prompts_keep_to_their_split_even_when_more_are_asked_for():
+    held_out = layout_prompts("development", 100)
+    seen = layout_prompts("development_seen", 100)
+    assert len(held_out) == 16 and len(seen) == 16 and not set(held_out) & set(seen)
+    assert all(HELD_OUT_PAIRS.intersection(parse_prompt(prompt).pairs) for prompt in held_out)
+    assert not any(HELD_OUT_PAIRS.intersection(parse_prompt(prompt).pairs) for prompt in seen)
+    assert layout_prompts("development", 3) == held_out[:3]

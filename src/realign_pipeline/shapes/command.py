@@ -93,7 +93,11 @@ def add_world_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     probe.add_argument("--world", default=str(WORLD), help="the world's folder (default: the built-in one)")
     probe.add_argument(
-        "--split", choices=("development", "held_out", "seen"), default="development", help="(default development)"
+        "--split",
+        choices=("development", "held_out", "seen"),
+        default="development",
+        help="development (the default): both development splits, held-out and seen pairings, each giving "
+        "--prompts-per-category prompts per category; held_out and seen only for a final table",
     )
     probe.add_argument("--prompts-per-category", type=_positive_int, default=16, help="(default 16)")
     probe.add_argument("--seeds", type=_positive_int, default=2, help="(default 2)")

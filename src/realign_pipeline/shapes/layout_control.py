@@ -308,12 +308,11 @@ def placement_note(name: str, case: LayoutCase, score: PlacementScore) -> str:
 
 
 def layout_prompts(split: str, count: int) -> list[str]:
-    """The first ``count`` binding prompts (two or three object groups) of a split; ``"development"`` pools
-    the development splits, as ``realign eval --split development`` does."""
-    from .data import DEVELOPMENT_SPLITS, evaluation_prompts
+    """The first ``count`` binding prompts (two or three object groups) of ``split``, as ``realign eval`` takes
+    them: ``"development"`` names a held-out pairing in each prompt, ``"development_seen"`` only seen ones."""
+    from .data import evaluation_prompts
 
-    splits = DEVELOPMENT_SPLITS if split == "development" else (split,)
-    return [prompt for name in splits for prompt in evaluation_prompts("binding", name, count)][:count]
+    return evaluation_prompts("binding", split, count)
 
 
 def format_layout_table(summary: dict) -> str:
