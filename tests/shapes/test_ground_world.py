@@ -343,3 +343,28 @@ def test_stop_after_steps_checkpoints_and_exports_part_way(tmp_path):
     # Run again with a checkpoint already at the stop: it is exported as it is, without training.
     again = ground_world(config)
     assert again["steps"] == 1 and again["resumed_from"] == 1
+
+
+def test_prompt_length_pads_to_fewer_tokens_and_the_folder_keeps_it(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    config = GroundingConfig(output_dir=str(tmp_path / "run"), num_images=4, steps=1, batch_size=2, prompt_length=16)
+    ground_world(config)
+    cached = load_file(tmp_path / "run-work" / "data-n4-s0-t16.safetensors")
+    assert cached["ids"].shape == (4, 16) and cached["word_tokens"].shape[-1] == 16
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run")
+    assert pipe.tokenizer.model_max_length == 16
+    prompt_embeds, _ = pipe.encode_prompt("a red circle", "cpu", 1, False)
+    assert prompt_embeds.shape[1] == 16
+    assert "- prompts padded to 16 tokens" in (tmp_path / "run" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "prompt_length, message",
+    [(5, "prompt_length 5: the training caption .* takes [0-9]+ tokens"), (78, "only 77 positions")],
+)
+def test_a_prompt_length_that_cannot_hold_the_prompts_is_refused_before_training(tmp_path, prompt_length, message):
+    config = GroundingConfig(output_dir=str(tmp_path / "run"), num_images=4, steps=1, prompt_length=prompt_length)
+    with pytest.raises(ValueError, match=message):
+        ground_world(config)
+    assert not (tmp_path / "run-work" / "grounding.safetensors").exists()
