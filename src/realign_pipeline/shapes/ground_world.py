@@ -33,9 +33,8 @@ free, with three terms beside the ordinary denoising loss:
 
 The result stays an ordinary diffusers ``StableDiffusionPipeline`` folder (same architecture, tokenizer, VAE
 and captioner as the world it starts from; ``prompt_length`` may pad prompts shorter), with a model card that says
-how it was made. One
-resumable, seeded command: the state is checkpointed as safetensors (weights, optimizer moments, EMA, RNG)
-every ``checkpoint_every`` steps.
+how it was made. One resumable, seeded command: the state is checkpointed as safetensors (weights, optimizer
+moments, EMA, RNG) every ``checkpoint_every`` steps.
 """
 
 from __future__ import annotations
@@ -412,16 +411,17 @@ def ground_world(config: GroundingConfig) -> dict:
     if not (world / "model_index.json").is_file():
         raise UsageError(f"world {world}: not a shapes-world pipeline folder (no model_index.json)")
     tokenizer = CLIPTokenizer.from_pretrained(world, subfolder="tokenizer")
-    positions = CLIPTextConfig.from_pretrained(world, subfolder="text_encoder").max_position_embeddings
+    text_config = CLIPTextConfig.from_pretrained(world, subfolder="text_encoder")
     if config.prompt_length:
-        if config.prompt_length > positions:
-            raise UsageError(f"prompt_length {config.prompt_length}: the text encoder has only {positions} positions")
+        if config.prompt_length > text_config.max_position_embeddings:
+            raise UsageError(
+                f"prompt_length {config.prompt_length}: the text encoder has only "
+                f"{text_config.max_position_embeddings} positions"
+            )
         tokenizer.model_max_length = config.prompt_length
     if config.from_scratch:
         text_encoder, unet = fresh_models(
-            CLIPTextConfig.from_pretrained(world, subfolder="text_encoder"),
-            UNet2DConditionModel.load_config(world, subfolder="unet"),
-            config.seed,
+            text_config, UNet2DConditionModel.load_config(world, subfolder="unet"), config.seed
         )
     else:
         text_encoder = CLIPTextModel.from_pretrained(world, subfolder="text_encoder", dtype=torch.float32)
@@ -544,7 +544,7 @@ def ground_world(config: GroundingConfig) -> dict:
         for param, average in zip(params, ema):
             param.copy_(average)
     unet.set_attn_processor(AttnProcessor2_0())
-    export(config, unet, text_encoder)
+    export(config, unet, text_encoder, tokenizer)
     info = {"steps": step, "resumed_from": start, "seconds_this_run": time.time() - started}
     info["config"] = dataclasses.asdict(config)
     info["last_losses"] = last_logged_losses(log_file)
@@ -696,16 +696,17 @@ def write_grounded_card(config: GroundingConfig, info: dict) -> Path:
     return output / "README.md"
 
 
-def export(config: GroundingConfig, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> Path:
-    """The grounded world: a copy of the world folder with the new UNet (float16) and text encoder."""
+def export(
+    config: GroundingConfig, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer
+) -> Path:
+    """The grounded world: a copy of the world folder with the new UNet (float16) and text encoder, and the
+    tokenizer with its new ``model_max_length`` where ``prompt_length`` set one."""
     output = Path(config.output_dir)
     world = Path(config.world)
     if output.exists():
         shutil.rmtree(output)
     shutil.copytree(world, output, ignore=shutil.ignore_patterns("unet-*", "training_info.json", "samples.png"))
     if config.prompt_length:
-        tokenizer = CLIPTokenizer.from_pretrained(world, subfolder="tokenizer")
-        tokenizer.model_max_length = config.prompt_length
         tokenizer.save_pretrained(output / "tokenizer")
     unet.to(torch.float16).save_pretrained(output / "unet", safe_serialization=True)
     unet.to(torch.float32)
