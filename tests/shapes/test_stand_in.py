@@ -38,6 +38,18 @@ def test_iou_by_hand():
     assert iou(a, np.zeros((4, 4), bool)) == 0.0
 
 
+def test_attention_split_by_hand():
+    from realign_pipeline.shapes.stand_in import attention_split
+
+    # Tokens: <|startoftext|>, red, circle, blue, <|endoftext|>, padding, padding; a 1×2 grid.
+    maps = torch.tensor([[[0.1, 0.2, 0.1, 0.1, 0.2, 0.2, 0.1], [0.3, 0.0, 0.0, 0.3, 0.1, 0.1, 0.2]]])
+    split = attention_split(maps, torch.tensor([[1.0, 0.0]]), own=[1, 2], end=4)
+    assert split == pytest.approx({"own_words": 0.3, "other_words": 0.1, "start": 0.1, "end": 0.2, "padding": 0.3})
+    # Half of each cell: the two pixels' rows averaged.
+    split = attention_split(maps, torch.tensor([[0.5, 0.5]]), own=[3], end=4)
+    assert split == pytest.approx({"own_words": 0.2, "other_words": 0.15, "start": 0.2, "end": 0.15, "padding": 0.3})
+
+
 def test_judge_masks_find_the_rendered_objects():
     for index in range(30):
         sample = make_sample(3, index, "train")
@@ -68,6 +80,14 @@ def test_probe_measures_every_named_object(world):
     assert result.objects_named == 4
     assert len(result.inside_share) == len(result.word_mass) == len(result.attention_mask_iou) == result.objects_found
     assert all(0.0 <= value <= 1.0 for value in result.inside_share + result.attention_mask_iou)
+    assert result.objects_found > 0
+    # Attention rows sum to 1, so the split's shares add up to 1 and its own-word share is the word mass.
+    split = result.attention_split
+    assert all(len(split[key]) == result.objects_found for key in split)
+    for index, mass in enumerate(result.word_mass):
+        assert sum(split[key][index] for key in split) == pytest.approx(1.0, abs=1e-5)
+        assert split["own_words"][index] == pytest.approx(mass, rel=1e-4)
+    assert set(summary["object_attention_split"]) == {"own_words", "other_words", "start", "end", "padding"}
     # Four named colours per condition, one seed.
     assert all(len(values) == 4 for values in result.colour_present.values())
     assert set(summary["named_colour_present"]) == {"prompt", "blanked", "empty"}

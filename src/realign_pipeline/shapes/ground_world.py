@@ -137,8 +137,8 @@ class GroundingConfig:
     # grounding terms and the modulated batches: a world that keeps its drawing and learns to follow regions.
     blank_padding: bool = True
     # Pad prompts to this many tokens instead of the tokenizer's 77 (0: keep it); the exported tokenizer keeps it
-    # as its ``model_max_length``. Shapes prompts take at most 13, so ~65 padding keys share each pixel's
-    # attention at 77 and absorb most of it (84% of object pixels' 16×16 attention in a from-scratch run).
+    # as its ``model_max_length``. Shapes prompts take at most 13, so at 77 some 65 padding keys compete with the
+    # words for each pixel's attention and take most of it (``realign world probe``'s ``object_attention_split``).
     prompt_length: int = 0
     # Train the UNet and text encoder from a fresh (seeded) initialisation of the world's architecture, with the
     # grounding terms from the first step, instead of fine-tuning the world's weights: a model that never learnt

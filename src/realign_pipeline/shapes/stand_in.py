@@ -8,7 +8,8 @@ images of a prompt split (each object located by the judge) this module measures
 
 1. ``inside_share``: of the cross-attention on an object's words (colour and shape) at the 16×16 layers,
    the share that falls on the object's pixels; ``word_mass``: the attention mass those pixels give to
-   their own words (the rest goes to other words, ``<|startoftext|>``, the end token and the padding);
+   their own words (the rest goes to other words, ``<|startoftext|>``, the end token and the padding, each
+   share given in ``object_attention_split``);
 2. ``attention_mask_iou``: the IoU of the masks that the pipeline's own attention grounder
    (``masks_from_attention_maps`` over the steps the coarse pass runs) gives each object phrase with the
    judge's mask of that object in the finished image from the same noise;
@@ -47,6 +48,7 @@ class ProbeResult:
 
     inside_share: list[float] = field(default_factory=list)
     word_mass: list[float] = field(default_factory=list)
+    attention_split: dict[str, list[float]] = field(default_factory=lambda: {key: [] for key in SPLIT_KEYS})
     attention_mask_iou: list[float] = field(default_factory=list)
     colour_present: dict[str, list[bool]] = field(default_factory=lambda: {"prompt": [], "blanked": [], "empty": []})
     objects_found: int = 0
@@ -61,10 +63,34 @@ class ProbeResult:
             "objects_found_by_judge": self.objects_found,
             "inside_share": mean(self.inside_share),
             "word_mass": mean(self.word_mass),
+            "object_attention_split": {key: mean(values) for key, values in self.attention_split.items()},
             "attention_mask_iou": mean(self.attention_mask_iou),
             "attention_mask_iou_at_least_0.5": mean([v >= 0.5 for v in self.attention_mask_iou]),
             "named_colour_present": {key: mean(values) for key, values in self.colour_present.items()},
         }
+
+
+SPLIT_KEYS = ("own_words", "other_words", "start", "end", "padding")
+
+
+def attention_split(maps: torch.Tensor, cells: torch.Tensor, own: list[int], end: int) -> dict[str, float]:
+    """Where an object's pixels send their cross-attention, as shares of their total attention.
+
+    ``maps`` ``(h, w, tokens)``: attention probabilities; ``cells`` ``(h, w)``: the object's area in each cell;
+    ``own``: its word positions; ``end``: the end token's position. Keys (``SPLIT_KEYS``): its own words, the
+    prompt's other words (between ``<|startoftext|>`` and the end token), ``<|startoftext|>``, the end token, and
+    the padding after it. Prompt-to-Prompt and DAAM read word maps; this says how much of the mass they hold.
+    """
+    row = (maps * cells[..., None]).sum((0, 1))
+    total = row.sum().clamp(min=1e-12)
+    others = [p for p in range(1, end) if p not in own]
+    return {
+        "own_words": float(row[own].sum() / total),
+        "other_words": float(row[others].sum() / total),
+        "start": float(row[0] / total),
+        "end": float(row[end] / total),
+        "padding": float(row[end + 1 :].sum() / total),
+    }
 
 
 def judge_masks(image, prompt: str) -> list[np.ndarray | None]:
@@ -140,6 +166,7 @@ def probe_world(
         all_steps = state.recorder.mean_maps()
         for index, (prompt, image) in enumerate(zip(prompts, images)):
             groups = phrase_token_positions(pipe.tokenizer, prompt)
+            end = len(pipe.tokenizer(prompt).input_ids) - 1
             found = judge_masks(image, prompt)
             result.objects_named += len(groups)
             result.objects_found += sum(mask is not None for mask in found)
@@ -154,6 +181,8 @@ def probe_world(
                 word_map = maps16[..., tokens].sum(-1)
                 result.inside_share.append(float((word_map * cells).sum() / word_map.sum().clamp(min=1e-12)))
                 result.word_mass.append(float((word_map * cells).sum() / cells.sum().clamp(min=1e-12)))
+                for key, share in attention_split(maps16, cells, tokens, end).items():
+                    result.attention_split[key].append(share)
                 own_full = F.interpolate(own.float()[None, None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="nearest")
                 result.attention_mask_iou.append(iou(own_full[0, 0].numpy() > 0.5, mask))
 
