@@ -13,16 +13,13 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+
+from tests.app.app_process import start_app, stop_app
 
 PROMPT = "a yellow triangle and a blue circle"
 
@@ -31,12 +28,6 @@ def chromium_path() -> str | None:
     """The system Chromium (Debian: ``apt-get install chromium``), or ``$REALIGN_CHROMIUM``."""
     candidates = [os.environ.get("REALIGN_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser")]
     return next((c for c in candidates if c and Path(c).exists()), None)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,35 +42,11 @@ def browser_path() -> str:
 
 @pytest.fixture(scope="module")
 def app_url(browser_path, tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("app") / "app.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "realign_pipeline.app", "--port", str(port), "--device", "cpu"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
+    process, url = start_app(tmp_path_factory.mktemp("app") / "app.log")
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the app exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the app did not answer on {url} in 240 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_app(process)
 
 
 def status_contains(page, text: str, timeout: float = 120_000) -> None:
