@@ -673,16 +673,15 @@ def write_grounded_card(config: GroundingConfig, info: dict) -> Path:
     from huggingface_hub import ModelCard
 
     output = Path(config.output_dir)
+    world = starting_world_name(config)
     losses = info.get("last_losses") or {}
     card = ModelCard.from_template(
         world_card_data(),
         template_str=GROUNDED_CARD_TEMPLATE,
         config=config,
         name=output.name,
-        world=starting_world_name(config),
-        origin="trained from a fresh initialisation"
-        if config.from_scratch
-        else f"fine-tuned from `{starting_world_name(config)}`",
+        world=world,
+        origin="trained from a fresh initialisation" if config.from_scratch else f"fine-tuned from `{world}`",
         command=grounding_command(config),
         steps=info["steps"],
         minutes=f"{info['seconds_this_run'] / 60:.1f}",
@@ -690,7 +689,7 @@ def write_grounded_card(config: GroundingConfig, info: dict) -> Path:
         losses=", ".join(f"{key} {value:.4g}" for key, value in losses.items() if key not in ("step", "s_per_step"))
         or "none logged",
         file_lines="\n".join(weight_file_lines(output)[0]),
-        config_json=json.dumps({**dataclasses.asdict(config), "world": starting_world_name(config)}, indent=2),
+        config_json=json.dumps({**dataclasses.asdict(config), "world": world}, indent=2),
     )
     card.save(output / "README.md")
     return output / "README.md"
