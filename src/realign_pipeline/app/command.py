@@ -139,7 +139,12 @@ def run_app(args: argparse.Namespace) -> None:
         # The files offered for download live as long as the server: removed when it stops.
         with tempfile.TemporaryDirectory(prefix="realign-app-") as files_folder:
             demo = build_app(engine, default_prompt=_default_prompt(engine), files_folder=files_folder)
-            launch(demo, host=args.host, port=args.port, block=True)
+            try:
+                launch(demo, host=args.host, port=args.port, block=True)
+            except KeyboardInterrupt:
+                # Stopped while gradio was still starting (its checks after the server answers), before the loop
+                # that takes the interrupt itself: close the server here, and stop as cleanly as from that loop.
+                demo.close()
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
 
