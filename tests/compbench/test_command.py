@@ -149,6 +149,9 @@ def test_a_killed_run_restarted_with_the_same_command_ends_as_an_uninterrupted_o
     process.wait()
     before = {p: p.stat().st_mtime_ns for p in output.rglob("*.png")}
     assert 5 <= len(before) < 48, "the run was not killed part way"
+    # The kill lands in the middle of a PNG write only sometimes; plant the file such a kill leaves.
+    half_written = next(iter(before)).with_name(".a half-written image_000099.png.4242.partial")
+    half_written.write_bytes(b"\x89PNG")
     outcome = run(toy_pipeline_folder, scorer_folders, output)
     assert outcome["drawn"] == 48 - len(before)
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # finished images were not redrawn

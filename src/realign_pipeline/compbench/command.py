@@ -27,6 +27,7 @@ from .run import (
     generate_images,
     package_versions,
     read_scores,
+    remove_partial_files,
     score_items,
     write_atomically,
 )
@@ -209,6 +210,10 @@ def run_compbench_eval(args: argparse.Namespace) -> dict:
         }
         if not (output / MANIFEST_FILE).is_file():
             write_atomically(output / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=1) + "\n"))
+        # Before the barrier, so that no process of this run is writing yet.
+        leftovers = remove_partial_files(output)
+        if leftovers:
+            print(f"removed {len(leftovers)} half-written file(s) left by an interrupted run in {output}")
     state.wait_for_everyone()
     rank = f"[{state.process_index}/{state.num_processes}]"
     drawn = generate_images(mine, settings, output, load_pipeline, load_grounder, device, progress, f"generate {rank}")

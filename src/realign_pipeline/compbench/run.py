@@ -86,6 +86,17 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(temporary, path)
 
 
+def remove_partial_files(output: Path) -> list[Path]:
+    """Delete the half-written files a killed run left (``write_atomically``'s temporary names).
+
+    Call it on one process before any process writes: a live writer's temporary file looks the same.
+    """
+    leftovers = sorted(output.rglob(".*.partial")) if output.is_dir() else []
+    for path in leftovers:
+        path.unlink()
+    return leftovers
+
+
 def check_manifest(output: Path, settings: CompBenchSettings) -> None:
     """Refuse to resume into a folder whose run had other settings (which would mix two runs' images)."""
     path = output / MANIFEST_FILE
