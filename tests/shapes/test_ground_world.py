@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
+from realign_pipeline.pipeline_realign_diff import CrossAttentionRecorder
 from realign_pipeline.shapes.data import make_sample
 from realign_pipeline.shapes.ground_world import (
     WORLD,
@@ -25,6 +26,7 @@ from realign_pipeline.shapes.ground_world import (
     pixel_grounding_loss,
     strip_labels,
     token_grounding_loss,
+    training_attention_state,
     true_mask_regions,
 )
 from realign_pipeline.shapes.train_world import load_checkpoint
@@ -244,6 +246,8 @@ def test_modulated_weights_are_min_snr_raised_to_the_capped_x0_weight():
         (["steps=0"], "--set: steps must be"),
         (["modulated_fraction=1.5"], "--set: modulated_fraction must be"),
         (["modulated_x0_weight_cap=0.5"], "--set: modulated_x0_weight_cap must be"),
+        (["modulated_self_attention_weight=-1"], "--set: modulated_self_attention_weight must be"),
+        (["modulated_cross_attention_weight=nan"], "--set: modulated_cross_attention_weight must be"),
         (["token_loss_weigth=0.1"], "did you mean 'token_loss_weight'?"),
         (["world=/no/such/world"], "world /no/such/world: not a shapes-world pipeline folder"),
     ],
@@ -257,6 +261,16 @@ def test_realign_world_ground_refuses_bad_options_before_any_work(tmp_path, caps
         main([*arguments, *(item for override in overrides for item in ("--set", override))])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not output.exists() and not (tmp_path / "grounded-work").exists()
+
+
+def test_training_batches_modulate_at_the_configured_weights_over_the_whole_batch():
+    config = GroundingConfig(modulated_cross_attention_weight=0.7, modulated_self_attention_weight=0.2)
+    recorder = CrossAttentionRecorder(keep_graph=True)
+    state = training_attention_state(config, 16, recorder)
+    assert (state.cross_attention_weight, state.self_attention_weight) == (0.7, 0.2)
+    assert state.latent_size == (16, 16) and state.recorder is recorder
+    assert not state.modulate and state.regions is None  # off until a modulated batch switches it on
+    assert not state.conditional_half_only
 
 
 def test_from_scratch_starts_from_a_seeded_fresh_copy_of_the_architecture():
@@ -319,7 +333,8 @@ def test_the_grounded_card_says_how_the_folder_was_made(tmp_path):
     assert f"realign world ground --output {tmp_path / 'gw'} --set steps=7 --set token_loss_weight=0.2" in card
     assert "7 optimizer steps of batch 32" in card and "1.5 min" in card
     assert "token loss (arXiv 2312.03626, Eq. 3), weight 0.2" in card
-    assert "re-weighting on in 50% of batches" in card and "**Trained with re-weighting on.**" in card
+    assert "re-weighting on in 50% of batches (cross-attention weight 1.0, self-attention weight 0.3," in card
+    assert "**Trained with re-weighting on.**" in card
     assert "denoising 0.0123, token 0.5" in card
     assert "- `unet/diffusion_pytorch_model.safetensors`: 2.00 MB" in card
     fine_tuned = GroundingConfig(output_dir=str(tmp_path / "gw"), blank_padding=False)

@@ -101,6 +101,8 @@ GROUNDING_LIMITS: dict[str, Limit] = {
     "prompt_length": NON_NEGATIVE,
     "modulated_fraction": FRACTION,
     "modulation_min_timestep": Limit(0, 999),
+    "modulated_cross_attention_weight": NON_NEGATIVE,
+    "modulated_self_attention_weight": NON_NEGATIVE,
     "modulated_x0_weight_cap": Limit(1.0, None),
     "loose_region_fraction": FRACTION,
     "checkpoint_every": AT_LEAST_ONE,
@@ -144,11 +146,16 @@ class GroundingConfig:
     # grounding terms from the first step, instead of fine-tuning the world's weights: a model that never learnt
     # to read its prompt from the padding. Tokenizer, VAE, scheduler and captioner stay the world's.
     from_scratch: bool = False
-    # Share of batches trained with the re-weighting switched on over the true masks (DenseDiffusion's defaults
-    # w = 1 cross, 0.3 self), all at one timestep in [modulation_min_timestep, T): the steps a 30% window of a
-    # 25-step DDIM run modulates. The model then learns to follow its boosted word attention (see the module doc).
+    # Share of batches trained with the re-weighting switched on over the true masks (at the weights below), all
+    # at one timestep in [modulation_min_timestep, T): the steps a 30% window of a 25-step DDIM run modulates.
+    # The model then learns to follow its boosted word attention (see the module doc).
     modulated_fraction: float = 0.0
     modulation_min_timestep: int = 600
+    # The re-weighting's strengths in those batches (the pipeline's ``cross_attention_weight`` and
+    # ``self_attention_weight``). DenseDiffusion's defaults; a world that will be run at other weights can be
+    # trained at them.
+    modulated_cross_attention_weight: float = 1.0
+    modulated_self_attention_weight: float = 0.3
     # Share of a modulated batch's scenes whose regions are loose (strips or grown boxes around each group, as a
     # user draws them) instead of the true masks: layouts at inference are halves and boxes, not silhouettes.
     loose_region_fraction: float = 0.0
@@ -392,6 +399,21 @@ def loose_region_labels(masks: torch.Tensor, generator: torch.Generator) -> torc
 # training
 
 
+def training_attention_state(
+    config: GroundingConfig, latent_side: int, recorder: CrossAttentionRecorder
+) -> AttentionModulationState:
+    """The attention processor's state for one training batch: re-weighting off (the recorder keeps the maps the
+    grounding losses read) until a modulated batch sets regions and switches it on, at the configured weights.
+    Both halves of the batch are modulated: training has no classifier-free-guidance half to leave alone."""
+    return AttentionModulationState(
+        latent_size=(latent_side, latent_side),
+        recorder=recorder,
+        conditional_half_only=False,
+        cross_attention_weight=config.modulated_cross_attention_weight,
+        self_attention_weight=config.modulated_self_attention_weight,
+    )
+
+
 def fresh_models(
     text_config: CLIPTextConfig, unet_config: dict, seed: int
 ) -> tuple[CLIPTextModel, UNet2DConditionModel]:
@@ -479,9 +501,7 @@ def ground_world(config: GroundingConfig) -> dict:
         # What the UNet sees: the words, then the empty prompt's end and padding (term 1).
         seen = torch.where(padding[..., None], empty.expand_as(encoded), encoded) if config.blank_padding else encoded
         recorder = CrossAttentionRecorder(keep_graph=True)
-        state = AttentionModulationState(
-            latent_size=(latent_side, latent_side), recorder=recorder, conditional_half_only=False
-        )
+        state = training_attention_state(config, latent_side, recorder)
         if modulated:
             state.regions = true_mask_regions(data, index, dropped, latent_side)
             loose = torch.zeros(len(index), dtype=torch.bool)
@@ -653,8 +673,10 @@ def grounding_term_lines(config: GroundingConfig) -> list[str]:
     lines.append(f"- TokenCompose's pixel loss (Eq. 4), weight {config.pixel_loss_weight}")
     if config.modulated_fraction > 0:
         lines.append(
-            f"- re-weighting on in {config.modulated_fraction:.0%} of batches (timesteps "
-            f"≥ {config.modulation_min_timestep}), {config.loose_region_fraction:.0%} of their scenes with loose "
+            f"- re-weighting on in {config.modulated_fraction:.0%} of batches (cross-attention weight "
+            f"{config.modulated_cross_attention_weight}, self-attention weight "
+            f"{config.modulated_self_attention_weight}, timesteps ≥ {config.modulation_min_timestep}), "
+            f"{config.loose_region_fraction:.0%} of their scenes with loose "
             f"regions; their ε-loss weighted by max(Min-SNR, min(1/SNR, {config.modulated_x0_weight_cap}))"
         )
     return lines
