@@ -672,8 +672,9 @@ def run_layout_eval(args: argparse.Namespace) -> None:
     print(
         f"\n{len(prompts)} {args.split} binding prompts x layouts x {seeds} seeds; placed: every object drawn with "
         "at least 70% of its pixels in its region; share: mean fraction of an object's pixels in its region "
-        "(0 when not drawn); present: every object drawn. Difference: re-weighted minus plain from the same noise, "
-        "95% interval over prompts."
+        "(0 when not drawn); present: every object drawn; placed when present: placed among the images with every "
+        "object drawn, of how many. Difference: re-weighted minus plain from the same noise, 95% interval over "
+        "prompts."
     )
     print(f"wrote {output / 'results.json'} and {output / 'table.md'}")
 

@@ -25,6 +25,7 @@ from realign_pipeline.shapes.layout_control import (
     format_layout_table,
     layout_cases,
     layout_prompts,
+    placed_when_present,
     placement_note,
     random_boxes,
     score_placement,
@@ -180,6 +181,26 @@ def test_summary_pairs_images_and_clusters_by_prompt():
     assert summary["by_kind"]["boxes"]["n"] == 2
     table = format_layout_table(summary)
     assert "| all | 4 | placed | 0.250 | 0.750 | +0.500 [-1.000, +1.000] |" in table
+
+
+def test_placed_when_present_counts_only_images_with_every_object_drawn():
+    case = LayoutCase("a red circle and a blue square", ("", ""), (), "halves", False)
+    result = LayoutControlResult()
+    # Plain: 3 of 4 present, 1 of them placed. Re-weighted: 2 present, both placed; 2 missing an object.
+    plain = [(True, True), (True, False), (True, False), (False, False)]
+    realigned = [(True, True), (True, True), (False, False), (False, False)]
+    for (plain_present, plain_placed), (present, placed) in zip(plain, realigned):
+        result.plain.append(PlacementScore([0.9, 0.9 if plain_placed else 0.1], plain_placed, plain_present))
+        result.realigned.append(PlacementScore([0.9, 0.9 if placed else 0.1], placed, present))
+        result.kinds.append(case.kind)
+        result.prompts.append(case.prompt)
+    arms = result.summary()["placed_when_present"]
+    assert arms["plain"] == {"rate": pytest.approx(1 / 3), "present": 3}
+    assert arms["realigned"] == {"rate": 1.0, "present": 2}
+    assert "| all | 4 | placed when present | 0.333 of 3 | 1.000 of 2 | (different images) |" in format_layout_table(
+        result.summary()
+    )
+    assert placed_when_present([PlacementScore([0.0, 0.0], False, False)]) == {"rate": None, "present": 0}
 
 
 def test_realign_eval_layout_writes_the_paired_table(tmp_path, capsys):

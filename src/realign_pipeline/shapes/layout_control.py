@@ -10,7 +10,10 @@ asks the judge where each object was drawn:
 - ``share``: the fraction of an object's pixels (the judge's detections of its colour and shape) inside its
   region; an object that was not drawn counts as 0;
 - ``placed``: every object drawn, each with ``share >= PLACED_SHARE``;
-- ``present``: every object drawn (colour on the right shape), wherever it is.
+- ``present``: every object drawn (colour on the right shape), wherever it is;
+- ``placed when present``: ``placed`` among the images with every object drawn, plain and re-weighted apart:
+  how well the re-weighting steers what the model does draw, whatever limits its drawing. The two arms count
+  different images, so this row has no paired interval.
 
 Layouts are halves (two objects: left/right and top/bottom), vertical thirds (three objects) and random
 non-overlapping boxes; every assignment is also run swapped (the same masks, objects exchanged), so a model
@@ -185,7 +188,19 @@ class LayoutControlResult:
                 "difference": paired.difference,
                 "difference_95": [paired.low, paired.high],
             }
+        metrics["placed_when_present"] = {
+            arm: placed_when_present([scores[i] for i in rows])
+            for arm, scores in (("plain", self.plain), ("realigned", self.realigned))
+        }
         return metrics
+
+
+def placed_when_present(scores: Sequence[PlacementScore]) -> dict:
+    """``{"rate": placed / present, "present": count}`` over ``scores`` (``rate`` ``None`` when nothing is
+    present): every placed image has every object drawn, so this is the placed share of those images."""
+    present = sum(score.present for score in scores)
+    placed = sum(score.placed for score in scores)
+    return {"rate": placed / present if present else None, "present": present}
 
 
 def _metric_of(score: PlacementScore, metric: str) -> float:
@@ -331,4 +346,12 @@ def format_layout_table(summary: dict) -> str:
                 f"| {name} | {block['n']} | {metric} | {row['plain']:.3f} | {row['realigned']:.3f} | "
                 f"{row['difference']:+.3f} [{low:+.3f}, {high:+.3f}] |"
             )
+        arms = block["placed_when_present"]
+        plain, realigned = (_rate_of(arms[arm]) for arm in ("plain", "realigned"))
+        lines.append(f"| {name} | {block['n']} | placed when present | {plain} | {realigned} | (different images) |")
     return "\n".join(lines)
+
+
+def _rate_of(arm: dict) -> str:
+    rate = "–" if arm["rate"] is None else f"{arm['rate']:.3f}"
+    return f"{rate} of {arm['present']}"
