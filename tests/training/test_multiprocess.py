@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def kill_processes_mentioning(text: str) -> None:
-    """SIGKILL every process whose command line contains ``text`` (Linux /proc)."""
+def signal_processes_mentioning(text: str, signum: int = signal.SIGKILL) -> None:
+    """Send ``signum`` to every process whose command line contains ``text`` (Linux /proc)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -28,7 +29,7 @@ def kill_processes_mentioning(text: str) -> None:
             continue
         if text in command_line:
             try:
-                os.kill(int(entry.name), signal.SIGKILL)
+                os.kill(int(entry.name), signum)
             except ProcessLookupError:
                 pass
 
@@ -61,6 +62,10 @@ def test_two_cpu_processes_see_different_prompts_and_end_with_identical_weights(
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(tmp_path / "hf_home"),  # no user accelerate config file can interfere
         "ACCELERATE_USE_CPU": "true",
+        # Rarely (twice, both times with other work holding the two cores), the run has hung after its last
+        # checkpoint. With the fault handler on, SIGABRT makes each process print every thread's Python stack
+        # into the log, so a failure below says where it stopped.
+        "PYTHONFAULTHANDLER": "1",
     }
     # Output goes to files, not pipes: a worker that outlives the launcher must not block the test.
     # The launcher gets a new session so that on a timeout it can be killed with its process group;
@@ -71,11 +76,13 @@ def test_two_cpu_processes_see_different_prompts_and_end_with_identical_weights(
         try:
             launcher.wait(timeout=240)
         except subprocess.TimeoutExpired:
+            signal_processes_mentioning(str(config_file), signal.SIGABRT)
+            time.sleep(3)
             os.killpg(launcher.pid, signal.SIGKILL)
-            kill_processes_mentioning(str(config_file))
+            signal_processes_mentioning(str(config_file))
             launcher.wait()
-            pytest.fail(f"the two-process run did not finish in 240 s:\n{stderr_path.read_text()[-4000:]}")
-    kill_processes_mentioning(str(config_file))  # none should be left; never leave a stray worker behind
+            pytest.fail(f"the two-process run did not finish in 240 s:\n{stderr_path.read_text()[-12000:]}")
+    signal_processes_mentioning(str(config_file))  # none should be left; never leave a stray worker behind
     assert launcher.returncode == 0, stderr_path.read_text()[-4000:]
 
     # The gradient calls of each process, step by step (validation calls run without grad).
