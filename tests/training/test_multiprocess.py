@@ -62,9 +62,9 @@ def test_two_cpu_processes_see_different_prompts_and_end_with_identical_weights(
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(tmp_path / "hf_home"),  # no user accelerate config file can interfere
         "ACCELERATE_USE_CPU": "true",
-        # Rarely (twice, both times with other work holding the two cores), the run has hung after its last
-        # checkpoint. With the fault handler on, SIGABRT makes each process print every thread's Python stack
-        # into the log, so a failure below says where it stopped.
+        # Under load, a rank once hung at exit (gloo's teardown; see ``training.run.leave_process_group``). With
+        # the fault handler on, SIGABRT makes each process print every thread's Python stack into the log, so a
+        # failure below says where it stopped.
         "PYTHONFAULTHANDLER": "1",
     }
     # Output goes to files, not pipes: a worker that outlives the launcher must not block the test.

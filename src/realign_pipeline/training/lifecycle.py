@@ -250,8 +250,8 @@ def finish_run(
             (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
             config.save(output_dir / "config.json")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Leave the process group explicitly: left to interpreter shutdown, a gloo rank was seen to hang at exit.
-        torch.distributed.destroy_process_group()
+    # ``Accelerator.end_training`` without leaving the process group: ``run.train`` leaves it once this run's
+    # DDP wrapper is freed (``run.leave_process_group`` says why).
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return TrainResult(output_dir, global_step, finished, read_validation_log(output_dir), history)
