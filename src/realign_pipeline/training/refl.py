@@ -166,7 +166,9 @@ def refl_loss(
 def train_refl(config: TrainConfig, reward: Reward | None = None) -> TrainResult:
     """Run ReFL as ``config`` says; resumes from the newest checkpoint in ``output_dir`` if any.
 
-    ``reward`` overrides ``config.rewards`` (for Python callers with a reward object in hand).
+    ``reward`` overrides ``config.rewards`` (for Python callers with a reward object in hand). Under a
+    multi-process launch, call it through ``run.train``, which leaves the process group afterwards (or call
+    ``run.leave_process_group`` yourself once it returns).
     """
     run = start_run(
         config,

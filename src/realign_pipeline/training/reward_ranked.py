@@ -110,7 +110,10 @@ def _load_best(unet: torch.nn.Module, output_dir: Path) -> None:
 
 
 def train_reward_ranked(config: TrainConfig, reward: Reward | None = None) -> TrainResult:
-    """Run reward-ranked learning as ``config`` says (``ranked_*`` options); resumes per round."""
+    """Run reward-ranked learning as ``config`` says (``ranked_*`` options); resumes per round.
+
+    Under a multi-process launch, call it through ``run.train``, which leaves the process group afterwards
+    (or call ``run.leave_process_group`` yourself once it returns)."""
 
     def micro_steps_per_round(prompts: list[str], num_processes: int) -> int:
         prompts_per_process = len(round_prompts(prompts, config, 1, num_processes)) // num_processes
