@@ -42,7 +42,7 @@ def leave_process_group() -> None:
     The order matters with gloo. Whoever drops the last reference to ``ProcessGroupGloo`` joins its worker
     threads. DDP's reducer holds one, and its destructor runs with the GIL held; a worker that is just
     freeing a finished work, whose tensors are Python objects, waits for the GIL: a deadlock at exit
-    (pytorch/pytorch#56297), seen here about once in six two-process CPU runs under load, when the group was
+    (pytorch/pytorch#56297), seen here in 2 of 14 two-process CPU test runs under load, when the group was
     left (``Accelerator.end_training``) while the trainer still held its DDP wrapper. So ``finish_run``
     does not leave the group; here the reducer is freed first (``gc.collect`` breaks the wrapper's reference
     cycles) while the group is still registered, and leaving it then drops the last reference through the
