@@ -15,6 +15,7 @@ from realign_pipeline.shapes.ground_world import (
     WORLD,
     GroundingConfig,
     GroundingData,
+    blank_padding_rows,
     ground_world,
     group_boxes,
     group_masks,
@@ -41,6 +42,18 @@ def test_padding_starts_at_the_first_end_token():
     ids = torch.tensor([[49406, 5, 6, 49407, 49407, 49407], [49406, 49407, 49407, 49407, 49407, 49407]])
     expected = torch.tensor([[False, False, False, True, True, True], [False, True, True, True, True, True]])
     assert torch.equal(padding_positions(ids, 49407), expected)
+
+
+def test_blanking_replaces_only_the_padding_of_the_chosen_rows():
+    encoded = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    empty = torch.full((1, 3, 2), -1.0)
+    padding = torch.tensor([[False, True, True], [False, False, True]])
+    seen = blank_padding_rows(encoded, empty, padding, torch.tensor([False, True]))
+    expected = encoded.clone()
+    expected[1, 2] = -1.0  # row 1 is chosen; of its positions only the last is padding
+    assert torch.equal(seen, expected)
+    every_row = blank_padding_rows(encoded, empty, padding, torch.tensor([True, True]))
+    assert torch.equal(every_row[0, 1:], empty[0, 1:]) and torch.equal(every_row[0, 0], encoded[0, 0])
 
 
 def hand_case():
@@ -250,6 +263,8 @@ def test_modulated_weights_are_min_snr_raised_to_the_capped_x0_weight():
         (["modulated_cross_attention_weight=nan"], "--set: modulated_cross_attention_weight must be"),
         (["token_loss_weigth=0.1"], "did you mean 'token_loss_weight'?"),
         (["world=/no/such/world"], "world /no/such/world: not a shapes-world pipeline folder"),
+        (["padding_dropout=1.2", "blank_padding=false"], "--set: padding_dropout must be"),
+        (["padding_dropout=0.5"], "padding_dropout 0.5: blanks the padding of some scenes when it is kept"),
     ],
 )
 def test_realign_world_ground_refuses_bad_options_before_any_work(tmp_path, capsys, overrides, message):
@@ -341,6 +356,9 @@ def test_the_grounded_card_says_how_the_folder_was_made(tmp_path):
     card = write_grounded_card(fine_tuned, {"steps": 1, "seconds_this_run": 6.0}).read_text()
     assert "fine-tuned from `realign_pipeline/shapes/world (the built-in world)`" in card and "padding kept" in card
     assert "re-weighting on" not in card and "none logged" in card
+    dropout = GroundingConfig(output_dir=str(tmp_path / "gw"), blank_padding=False, padding_dropout=0.25)
+    card = write_grounded_card(dropout, {"steps": 1, "seconds_this_run": 6.0}).read_text()
+    assert "padding kept, but blanked (the empty prompt's encodings) in a random 25% of the scenes" in card
     assert str(Path(fine_tuned.world).resolve()) not in card  # no absolute path of this machine
     elsewhere = GroundingConfig(output_dir=str(tmp_path / "gw"), world="outputs/gw8")
     card = write_grounded_card(elsewhere, {"steps": 1, "seconds_this_run": 6.0}).read_text()

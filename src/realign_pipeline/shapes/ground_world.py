@@ -16,7 +16,10 @@ free, with three terms beside the ordinary denoising loss:
 1. **Blank padding.** Positions from ``<|endoftext|>`` on are replaced, in what the UNet sees, by
    the empty prompt's encodings, and the text encoder is pulled to produce exactly those there
    (an MSE term), so at inference, through a plain ``StableDiffusionPipeline``, the padding says
-   nothing about the prompt and the words must carry it.
+   nothing about the prompt and the words must carry it. With ``blank_padding`` false the UNet sees the
+   text encoder's own padding, except in a ``padding_dropout`` share of the scenes, blanked as above (a
+   dropout of the padding, our addition): the world keeps reading its padding, and its words learn to carry
+   the objects alone, which they must where the re-weighting pushes a region's attention off the padding.
 2. **TokenCompose's token loss** (Wang et al., arXiv 2312.03626, Eq. 3): for each object group and
    every cross-attention resolution, ``(1 − Σ_{i∈mask} A_i / Σ_i A_i)²`` with ``A_i`` the attention of
    pixel ``i`` on the group's words (colour and shape): the words' attention lands inside the object.
@@ -99,6 +102,7 @@ GROUNDING_LIMITS: dict[str, Limit] = {
     "pixel_loss_weight": NON_NEGATIVE,
     "padding_loss_weight": NON_NEGATIVE,
     "prompt_length": NON_NEGATIVE,
+    "padding_dropout": FRACTION,
     "modulated_fraction": FRACTION,
     "modulation_min_timestep": Limit(0, 999),
     "modulated_cross_attention_weight": NON_NEGATIVE,
@@ -138,6 +142,10 @@ class GroundingConfig:
     # Term 1 itself. False keeps the prompt in the padding (as the committed world reads it) and trains only the
     # grounding terms and the modulated batches: a world that keeps its drawing and learns to follow regions.
     blank_padding: bool = True
+    # With the padding kept: the share of scenes whose UNet input has the padding blanked all the same, so that the
+    # words alone must carry those scenes' objects. Re-weighting pushes a region's pixels off the padding, onto its
+    # words; a world whose words carry nothing without the padding loses objects there.
+    padding_dropout: float = 0.0
     # Pad prompts to this many tokens instead of the tokenizer's 77 (0: keep it); the exported tokenizer keeps it
     # as its ``model_max_length``. Shapes prompts take at most 13, so at 77 some 65 padding keys compete with the
     # words for each pixel's attention and take most of it (``realign world probe``'s ``object_attention_split``).
@@ -167,6 +175,11 @@ class GroundingConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, GROUNDING_LIMITS)
+        if self.blank_padding and self.padding_dropout > 0:
+            raise UsageError(
+                f"padding_dropout {self.padding_dropout}: blanks the padding of some scenes when it is kept, so it "
+                "needs blank_padding false (blank_padding true already blanks every scene's)"
+            )
 
     @property
     def work(self) -> Path:
@@ -263,6 +276,14 @@ def padding_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """``(B, L)`` bool: positions from the first ``<|endoftext|>`` on (the end token and the padding)."""
     is_eos = ids == eos_token_id
     return is_eos.cumsum(dim=1) > 0
+
+
+def blank_padding_rows(
+    encoded: torch.Tensor, empty: torch.Tensor, padding: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet sees: ``encoded`` ``(B, L, D)``, with the empty prompt's encodings ``empty`` ``(1, L, D)`` at
+    the ``padding`` positions ``(B, L)`` of the ``rows`` ``(B,)`` chosen (term 1 blanks every row)."""
+    return torch.where((padding & rows[:, None])[..., None], empty.expand_as(encoded), encoded)
 
 
 def attention_on_group_words(attention: torch.Tensor, word_tokens: torch.Tensor) -> torch.Tensor:
@@ -498,8 +519,12 @@ def ground_world(config: GroundingConfig) -> dict:
         empty = text_encoder(empty_ids)[0]
         padding = padding_positions(ids, tokenizer.eos_token_id)
         padding_loss = ((encoded - empty.detach()) ** 2).mean(-1)[padding].mean()
-        # What the UNet sees: the words, then the empty prompt's end and padding (term 1).
-        seen = torch.where(padding[..., None], empty.expand_as(encoded), encoded) if config.blank_padding else encoded
+        # What the UNet sees: the words, then the empty prompt's end and padding (term 1), in every scene or in the
+        # padding_dropout share of them. Drawn only when asked for, so other runs keep their random stream.
+        blanked = torch.full((len(index),), config.blank_padding)
+        if config.padding_dropout > 0:
+            blanked = torch.rand(len(index), generator=generator) < config.padding_dropout
+        seen = blank_padding_rows(encoded, empty, padding, blanked)
         recorder = CrossAttentionRecorder(keep_graph=True)
         state = training_attention_state(config, latent_side, recorder)
         if modulated:
@@ -664,6 +689,11 @@ def grounding_term_lines(config: GroundingConfig) -> list[str]:
         lines.append(
             f"- blank padding: the UNet sees the empty prompt's encodings from `<|endoftext|>` on, and the text "
             f"encoder is pulled to produce them there (MSE, weight {config.padding_loss_weight})"
+        )
+    elif config.padding_dropout > 0:
+        lines.append(
+            f"- padding kept, but blanked (the empty prompt's encodings) in a random {config.padding_dropout:.0%} of "
+            "the scenes, whose words alone must then carry the objects"
         )
     else:
         lines.append("- padding kept: the UNet sees the text encoder's own end and padding encodings")
