@@ -8,6 +8,7 @@ from diffusers import StableDiffusionPipeline
 from realign_pipeline.shapes.data import make_sample
 from realign_pipeline.shapes.ground_world import WORLD, phrase_token_positions
 from realign_pipeline.shapes.stand_in import (
+    blanked_padding_embeddings,
     blanked_word_embeddings,
     iou,
     judge_masks,
@@ -73,6 +74,20 @@ def test_blanked_encodings_replace_exactly_the_word_positions(world):
         assert not torch.allclose(encoded[row, words], empty[row, words])
 
 
+@torch.no_grad()
+def test_words_only_encodings_blank_exactly_the_end_token_and_the_padding(world):
+    prompts = ["a red circle and a blue square", "two green triangles"]
+    words_only = blanked_padding_embeddings(world, prompts)
+    _, empty = blanked_word_embeddings(world, prompts)
+    ids = world.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    encoded = world.text_encoder(ids)[0]
+    for row, num_words in enumerate((7, 3)):
+        end = 1 + num_words
+        assert torch.equal(words_only[row, :end], encoded[row, :end])
+        assert torch.equal(words_only[row, end:], empty[row, end:])
+        assert not torch.allclose(encoded[row, end:], empty[row, end:])
+
+
 def test_probe_measures_every_named_object(world):
     prompts = ["a red circle and a blue square", "a white square above a purple circle"]
     result = probe_world(world, prompts, seeds=[0], num_inference_steps=4)
@@ -90,7 +105,7 @@ def test_probe_measures_every_named_object(world):
     assert set(summary["object_attention_split"]) == {"own_words", "other_words", "start", "end", "padding"}
     # Four named colours per condition, one seed.
     assert all(len(values) == 4 for values in result.colour_present.values())
-    assert set(summary["named_colour_present"]) == {"prompt", "blanked", "empty"}
+    assert set(summary["named_colour_present"]) == {"prompt", "blanked", "words only", "empty"}
 
 
 def test_realign_world_probe_prints_the_three_measurements(capsys):
@@ -103,7 +118,7 @@ def test_realign_world_probe_prints_the_three_measurements(capsys):
     # One binding and one relation prompt, two objects each.
     assert report["prompts"] == 2 and report["objects_named"] == 4 and report["split"] == "held_out"
     assert 0.0 <= report["inside_share"] <= 1.0 and 0.0 <= report["word_mass"] <= 1.0
-    assert set(report["named_colour_present"]) == {"prompt", "blanked", "empty"}
+    assert set(report["named_colour_present"]) == {"prompt", "blanked", "words only", "empty"}
 
 
 def test_realign_world_probe_names_a_folder_that_is_no_world(tmp_path, capsys):

@@ -16,7 +16,10 @@ images of a prompt split (each object located by the judge) this module measures
 3. the blank-the-words test: each named colour's presence when the prompt is encoded as it is, when the
    word tokens' encodings are replaced by the empty prompt's at the same positions (everything else, end
    token and padding included, left as the prompt's), and for the empty prompt. If the words carry the
-   objects, blanking them drops named colours to the empty prompt's rate.
+   objects, blanking them drops named colours to the empty prompt's rate. And its converse, "words only":
+   the end token and the padding blanked instead, the words left as the prompt's. A world that reads its
+   prompt from the padding loses its colours there, as re-weighting, which pushes a region's attention off
+   the padding, asks it to do without them.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from ..pipeline_realign_diff import (
     words_with_token_positions,
 )
 from .data import COLOURS, IMAGE_SIZE, parse_prompt
-from .ground_world import phrase_token_positions
+from .ground_world import blank_padding_rows, padding_positions, phrase_token_positions
 from .judge import judge
 
 
@@ -50,7 +53,7 @@ class ProbeResult:
     word_mass: list[float] = field(default_factory=list)
     attention_split: dict[str, list[float]] = field(default_factory=lambda: {key: [] for key in SPLIT_KEYS})
     attention_mask_iou: list[float] = field(default_factory=list)
-    colour_present: dict[str, list[bool]] = field(default_factory=lambda: {"prompt": [], "blanked": [], "empty": []})
+    colour_present: dict[str, list[bool]] = field(default_factory=lambda: {key: [] for key in PROMPT_CONDITIONS})
     objects_found: int = 0
     objects_named: int = 0
 
@@ -71,6 +74,7 @@ class ProbeResult:
 
 
 SPLIT_KEYS = ("own_words", "other_words", "start", "end", "padding")
+PROMPT_CONDITIONS = ("prompt", "blanked", "words only", "empty")
 
 
 def attention_split(maps: torch.Tensor, cells: torch.Tensor, own: list[int], end: int) -> dict[str, float]:
@@ -122,6 +126,20 @@ def blanked_word_embeddings(pipe: StableDiffusionPipeline, prompts: list[str]) -
             words[row, [p for p in word.token_positions if p < length - 1]] = True
     blanked = torch.where(words[..., None].to(encoded.device), empty.expand_as(encoded), encoded)
     return blanked, empty.expand_as(encoded)
+
+
+def blanked_padding_embeddings(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """Each prompt's encoding with its end token and padding replaced by the empty prompt's encoding at the same
+    positions: what the UNet has of the prompt when only the words speak."""
+    length = pipe.tokenizer.model_max_length
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    empty_ids = pipe.tokenizer([""], padding="max_length", max_length=length, return_tensors="pt").input_ids
+    encoded = pipe.text_encoder(ids.input_ids.to(pipe.device))[0]
+    empty = pipe.text_encoder(empty_ids.to(pipe.device))[0]
+    padding = padding_positions(ids.input_ids, pipe.tokenizer.eos_token_id).to(encoded.device)
+    return blank_padding_rows(
+        encoded, empty, padding, torch.ones(len(prompts), dtype=torch.bool, device=encoded.device)
+    )
 
 
 @torch.no_grad()
@@ -187,7 +205,8 @@ def probe_world(
                 result.attention_mask_iou.append(iou(own_full[0, 0].numpy() > 0.5, mask))
 
         blanked, empty = blanked_word_embeddings(pipe, prompts)
-        for key, embeds in (("prompt", None), ("blanked", blanked), ("empty", empty)):
+        words_only = blanked_padding_embeddings(pipe, prompts)
+        for key, embeds in (("prompt", None), ("blanked", blanked), ("words only", words_only), ("empty", empty)):
             kwargs = (
                 {"prompt": prompts} if embeds is None else {"prompt_embeds": embeds, "negative_prompt_embeds": empty}
             )
