@@ -105,6 +105,11 @@ def test_probe_measures_every_named_object(world):
     assert set(summary["object_attention_split"]) == {"own_words", "other_words", "start", "end", "padding"}
     # Four named colours per condition, one seed.
     assert all(len(values) == 4 for values in result.colour_present.values())
+    assert all(len(values) == 4 for values in result.object_present.values())
+    assert set(summary["named_object_present"]) == {"prompt", "blanked", "words only", "empty"}
+    # The prompts name four different colours, one object each: an object drawn is its colour drawn.
+    for key, objects in result.object_present.items():
+        assert sum(objects) <= sum(result.colour_present[key])
     assert set(summary["named_colour_present"]) == {"prompt", "blanked", "words only", "empty"}
 
 

@@ -13,7 +13,8 @@ images of a prompt split (each object located by the judge) this module measures
 2. ``attention_mask_iou``: the IoU of the masks that the pipeline's own attention grounder
    (``masks_from_attention_maps`` over the steps the coarse pass runs) gives each object phrase with the
    judge's mask of that object in the finished image from the same noise;
-3. the blank-the-words test: each named colour's presence when the prompt is encoded as it is, when the
+3. the blank-the-words test: each named colour's presence (and each named object's: its colour and its shape
+   together, ``named_object_present``) when the prompt is encoded as it is, when the
    word tokens' encodings are replaced by the empty prompt's at the same positions (everything else, end
    token and padding included, left as the prompt's), and for the empty prompt. If the words carry the
    objects, blanking them drops named colours to the empty prompt's rate. And its converse, "words only":
@@ -54,6 +55,9 @@ class ProbeResult:
     attention_split: dict[str, list[float]] = field(default_factory=lambda: {key: [] for key in SPLIT_KEYS})
     attention_mask_iou: list[float] = field(default_factory=list)
     colour_present: dict[str, list[bool]] = field(default_factory=lambda: {key: [] for key in PROMPT_CONDITIONS})
+    # Per named object group, under each condition: drawn with its colour and its shape. Colours alone can come
+    # through where the objects do not (a red blob for "a red circle").
+    object_present: dict[str, list[bool]] = field(default_factory=lambda: {key: [] for key in PROMPT_CONDITIONS})
     objects_found: int = 0
     objects_named: int = 0
 
@@ -70,6 +74,7 @@ class ProbeResult:
             "attention_mask_iou": mean(self.attention_mask_iou),
             "attention_mask_iou_at_least_0.5": mean([v >= 0.5 for v in self.attention_mask_iou]),
             "named_colour_present": {key: mean(values) for key, values in self.colour_present.items()},
+            "named_object_present": {key: mean(values) for key, values in self.object_present.items()},
         }
 
 
@@ -217,9 +222,14 @@ def probe_world(
                 latents=latents.clone(),
             ).images
             for prompt, image in zip(prompts, images):
-                drawn = {d.colour for d in judge(image, prompt).detections}
+                detections = judge(image, prompt).detections
+                drawn = {d.colour for d in detections}
                 named = [c for c in COLOURS if c in prompt.split()]
                 result.colour_present[key].extend(colour in drawn for colour in named)
+                result.object_present[key].extend(
+                    any(d.colour == group.colour and d.shape == group.shape for d in detections)
+                    for group in parse_prompt(prompt).groups
+                )
     return result
 
 
