@@ -25,6 +25,7 @@ from realign_pipeline.shapes.ground_world import (
     padding_positions,
     phrase_token_positions,
     pixel_grounding_loss,
+    rows_to_blank,
     strip_labels,
     token_grounding_loss,
     training_attention_state,
@@ -54,6 +55,17 @@ def test_blanking_replaces_only_the_padding_of_the_chosen_rows():
     assert torch.equal(seen, expected)
     every_row = blank_padding_rows(encoded, empty, padding, torch.tensor([True, True]))
     assert torch.equal(every_row[0, 1:], empty[0, 1:]) and torch.equal(every_row[0, 0], encoded[0, 0])
+
+
+def test_padding_dropout_blanks_a_random_share_of_rows_and_draws_only_when_on():
+    generator = torch.Generator().manual_seed(0)
+    assert rows_to_blank(GroundingConfig(), 5, generator).all()  # blank_padding: every row
+    assert not rows_to_blank(GroundingConfig(blank_padding=False), 5, generator).any()
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())  # nothing drawn
+    everyone = GroundingConfig(blank_padding=False, padding_dropout=1.0)
+    assert rows_to_blank(everyone, 5, generator).all()
+    half = rows_to_blank(GroundingConfig(blank_padding=False, padding_dropout=0.5), 4000, generator)
+    assert 0.45 < half.float().mean() < 0.55
 
 
 def hand_case():

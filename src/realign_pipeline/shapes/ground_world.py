@@ -278,6 +278,14 @@ def padding_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return is_eos.cumsum(dim=1) > 0
 
 
+def rows_to_blank(config: GroundingConfig, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """``(B,)`` bool: the scenes whose padding the UNet sees blanked. Every one with ``blank_padding``; else each with
+    probability ``padding_dropout``, drawn from ``generator`` only when that is above 0."""
+    if config.padding_dropout > 0:
+        return torch.rand(batch_size, generator=generator) < config.padding_dropout
+    return torch.full((batch_size,), config.blank_padding)
+
+
 def blank_padding_rows(
     encoded: torch.Tensor, empty: torch.Tensor, padding: torch.Tensor, rows: torch.Tensor
 ) -> torch.Tensor:
@@ -521,10 +529,7 @@ def ground_world(config: GroundingConfig) -> dict:
         padding_loss = ((encoded - empty.detach()) ** 2).mean(-1)[padding].mean()
         # What the UNet sees: the words, then the empty prompt's end and padding (term 1), in every scene or in the
         # padding_dropout share of them. Drawn only when asked for, so other runs keep their random stream.
-        blanked = torch.full((len(index),), config.blank_padding)
-        if config.padding_dropout > 0:
-            blanked = torch.rand(len(index), generator=generator) < config.padding_dropout
-        seen = blank_padding_rows(encoded, empty, padding, blanked)
+        seen = blank_padding_rows(encoded, empty, padding, rows_to_blank(config, len(index), generator))
         recorder = CrossAttentionRecorder(keep_graph=True)
         state = training_attention_state(config, latent_side, recorder)
         if modulated:

@@ -117,18 +117,26 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def blanked_word_embeddings(pipe: StableDiffusionPipeline, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each prompt's encoding with every position between ``<|startoftext|>`` and the end token replaced by
-    the empty prompt's encoding at the same position; and the empty prompt's encoding."""
+def prompt_and_empty_encodings(
+    pipe: StableDiffusionPipeline, prompts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prompts' token ids ``(B, L)``, their encodings ``(B, L, D)`` and the empty prompt's ``(1, L, D)``."""
     length = pipe.tokenizer.model_max_length
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
     empty_ids = pipe.tokenizer([""], padding="max_length", max_length=length, return_tensors="pt").input_ids
     encoded = pipe.text_encoder(ids.input_ids.to(pipe.device))[0]
     empty = pipe.text_encoder(empty_ids.to(pipe.device))[0]
-    words = torch.zeros(ids.input_ids.shape, dtype=torch.bool)
+    return ids.input_ids, encoded, empty
+
+
+def blanked_word_embeddings(pipe: StableDiffusionPipeline, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's encoding with every position between ``<|startoftext|>`` and the end token replaced by
+    the empty prompt's encoding at the same position; and the empty prompt's encoding."""
+    ids, encoded, empty = prompt_and_empty_encodings(pipe, prompts)
+    words = torch.zeros(ids.shape, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
         for word in words_with_token_positions(pipe.tokenizer, prompt):
-            words[row, [p for p in word.token_positions if p < length - 1]] = True
+            words[row, [p for p in word.token_positions if p < ids.shape[1] - 1]] = True
     blanked = torch.where(words[..., None].to(encoded.device), empty.expand_as(encoded), encoded)
     return blanked, empty.expand_as(encoded)
 
@@ -136,15 +144,10 @@ def blanked_word_embeddings(pipe: StableDiffusionPipeline, prompts: list[str]) -
 def blanked_padding_embeddings(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
     """Each prompt's encoding with its end token and padding replaced by the empty prompt's encoding at the same
     positions: what the UNet has of the prompt when only the words speak."""
-    length = pipe.tokenizer.model_max_length
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-    empty_ids = pipe.tokenizer([""], padding="max_length", max_length=length, return_tensors="pt").input_ids
-    encoded = pipe.text_encoder(ids.input_ids.to(pipe.device))[0]
-    empty = pipe.text_encoder(empty_ids.to(pipe.device))[0]
-    padding = padding_positions(ids.input_ids, pipe.tokenizer.eos_token_id).to(encoded.device)
-    return blank_padding_rows(
-        encoded, empty, padding, torch.ones(len(prompts), dtype=torch.bool, device=encoded.device)
-    )
+    ids, encoded, empty = prompt_and_empty_encodings(pipe, prompts)
+    padding = padding_positions(ids, pipe.tokenizer.eos_token_id).to(encoded.device)
+    every_row = torch.ones(len(prompts), dtype=torch.bool, device=encoded.device)
+    return blank_padding_rows(encoded, empty, padding, every_row)
 
 
 @torch.no_grad()
