@@ -20,6 +20,7 @@ from realign_pipeline.shapes.ground_world import (
     group_boxes,
     group_masks,
     grown_box_labels,
+    is_modulated_step,
     loose_region_labels,
     modulated_loss_weights,
     padding_positions,
@@ -66,6 +67,18 @@ def test_padding_dropout_blanks_a_random_share_of_rows_and_draws_only_when_on():
     assert rows_to_blank(everyone, 5, generator).all()
     half = rows_to_blank(GroundingConfig(blank_padding=False, padding_dropout=0.5), 4000, generator)
     assert 0.45 < half.float().mean() < 0.55
+
+
+def test_re_weighted_batches_start_at_their_step_and_draw_only_when_they_can_be_on():
+    generator = torch.Generator().manual_seed(0)
+    untouched = torch.Generator().manual_seed(0).get_state()
+    assert not is_modulated_step(GroundingConfig(), 0, generator)  # modulated_fraction 0: never
+    late = GroundingConfig(modulated_fraction=1.0, modulated_from_step=5, steps=10)
+    assert not any(is_modulated_step(late, step, generator) for step in range(5))
+    assert torch.equal(generator.get_state(), untouched)  # nothing drawn before the first possible step
+    assert all(is_modulated_step(late, step, generator) for step in range(5, 10))
+    half = GroundingConfig(modulated_fraction=0.5, modulated_from_step=5, steps=10)
+    assert 0.45 < sum(is_modulated_step(half, 5, generator) for _ in range(4000)) / 4000 < 0.55
 
 
 def hand_case():
@@ -277,6 +290,8 @@ def test_modulated_weights_are_min_snr_raised_to_the_capped_x0_weight():
         (["world=/no/such/world"], "world /no/such/world: not a shapes-world pipeline folder"),
         (["padding_dropout=1.2", "blank_padding=false"], "--set: padding_dropout must be"),
         (["padding_dropout=0.5"], "padding_dropout 0.5: blanks the padding of some scenes when it is kept"),
+        (["modulated_from_step=10"], "modulated_from_step 10: needs re-weighted batches (modulated_fraction above 0"),
+        (["modulated_from_step=100", "modulated_fraction=0.5", "steps=100"], "a step before the run's last (100)"),
     ],
 )
 def test_realign_world_ground_refuses_bad_options_before_any_work(tmp_path, capsys, overrides, message):
@@ -361,6 +376,9 @@ def test_the_grounded_card_says_how_the_folder_was_made(tmp_path):
     assert "7 optimizer steps of batch 32" in card and "1.5 min" in card
     assert "token loss (arXiv 2312.03626, Eq. 3), weight 0.2" in card
     assert "re-weighting on in 50% of batches (cross-attention weight 1.0, self-attention weight 0.3," in card
+    later = GroundingConfig(output_dir=str(tmp_path / "gw"), steps=9, modulated_fraction=0.5, modulated_from_step=4)
+    later_card = write_grounded_card(later, info).read_text()
+    assert "re-weighting on in 50% of batches from step 4 (cross-attention weight 1.0," in later_card
     assert "**Trained with re-weighting on.**" in card
     assert "denoising 0.0123, token 0.5" in card
     assert "- `unet/diffusion_pytorch_model.safetensors`: 2.00 MB" in card

@@ -29,10 +29,11 @@ free, with three terms beside the ordinary denoising loss:
 
 4. **Optionally, re-weighting during training** (``modulated_fraction``): a share of the batches is denoised
    with DenseDiffusion's re-weighting switched on over the true masks, at the timesteps where inference
-   modulates. Stable Diffusion follows boosted word attention without such training; a world this small does
-   not, and this term teaches it to. With it, the world is a test bed for the *implementation* of the fine stage
-   (the right tokens, pixels, steps and halves move objects; wrong ones do not), not evidence that the
-   re-weighting works training-free. Its model card says which terms made it.
+   modulates (from step ``modulated_from_step`` on, if set). Stable Diffusion follows boosted word attention
+   without such training; a world this small does not, and this term teaches it to. With it, the world is a
+   test bed for the *implementation* of the fine stage (the right tokens, pixels, steps and halves move
+   objects; wrong ones do not), not evidence that the re-weighting works training-free. Its
+   model card says which terms made it.
 
 The result stays an ordinary diffusers ``StableDiffusionPipeline`` folder (same architecture, tokenizer, VAE
 and captioner as the world it starts from; ``prompt_length`` may pad prompts shorter), with a model card that says
@@ -104,6 +105,7 @@ GROUNDING_LIMITS: dict[str, Limit] = {
     "prompt_length": NON_NEGATIVE,
     "padding_dropout": FRACTION,
     "modulated_fraction": FRACTION,
+    "modulated_from_step": NON_NEGATIVE,
     "modulation_min_timestep": Limit(0, 999),
     "modulated_cross_attention_weight": NON_NEGATIVE,
     "modulated_self_attention_weight": NON_NEGATIVE,
@@ -158,6 +160,9 @@ class GroundingConfig:
     # at one timestep in [modulation_min_timestep, T): the steps a 30% window of a 25-step DDIM run modulates.
     # The model then learns to follow its boosted word attention (see the module doc).
     modulated_fraction: float = 0.0
+    # No re-weighted batch before this step: the world first learns to ground (and keep drawing) with the plain
+    # batches, then learns to follow regions. 0: from the first step.
+    modulated_from_step: int = 0
     modulation_min_timestep: int = 600
     # The re-weighting's strengths in those batches (the pipeline's ``cross_attention_weight`` and
     # ``self_attention_weight``). DenseDiffusion's defaults; a world that will be run at other weights can be
@@ -175,6 +180,11 @@ class GroundingConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, GROUNDING_LIMITS)
+        if self.modulated_from_step > 0 and (self.modulated_fraction == 0 or self.modulated_from_step >= self.steps):
+            raise UsageError(
+                f"modulated_from_step {self.modulated_from_step}: needs re-weighted batches (modulated_fraction above "
+                f"0, got {self.modulated_fraction}) and a step before the run's last ({self.steps})"
+            )
         if self.blank_padding and self.padding_dropout > 0:
             raise UsageError(
                 f"padding_dropout {self.padding_dropout}: blanks the padding of some scenes when it is kept, so it "
@@ -276,6 +286,15 @@ def padding_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """``(B, L)`` bool: positions from the first ``<|endoftext|>`` on (the end token and the padding)."""
     is_eos = ids == eos_token_id
     return is_eos.cumsum(dim=1) > 0
+
+
+def is_modulated_step(config: GroundingConfig, step: int, generator: torch.Generator) -> bool:
+    """Whether batch ``step`` (0-based) is trained with the re-weighting on: from ``modulated_from_step`` on, with
+    probability ``modulated_fraction``. Drawn only when it can be on, so runs without re-weighted batches keep the
+    random stream they had before."""
+    if config.modulated_fraction == 0 or step < config.modulated_from_step:
+        return False
+    return bool(torch.rand((), generator=generator) < config.modulated_fraction)
 
 
 def rows_to_blank(config: GroundingConfig, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -513,10 +532,7 @@ def ground_world(config: GroundingConfig) -> dict:
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         dropped = torch.rand(len(index), generator=generator) < config.caption_dropout
-        # Drawn only when asked for, so runs without modulated batches keep the random stream they had before.
-        modulated = config.modulated_fraction > 0 and bool(
-            torch.rand((), generator=generator) < config.modulated_fraction
-        )
+        modulated = is_modulated_step(config, step, generator)
         if modulated:
             low, high = config.modulation_min_timestep, noise_scheduler.config.num_train_timesteps
             timesteps = torch.randint(low, high, (1,), generator=generator).expand(len(index)).clone()
@@ -708,7 +724,9 @@ def grounding_term_lines(config: GroundingConfig) -> list[str]:
     lines.append(f"- TokenCompose's pixel loss (Eq. 4), weight {config.pixel_loss_weight}")
     if config.modulated_fraction > 0:
         lines.append(
-            f"- re-weighting on in {config.modulated_fraction:.0%} of batches (cross-attention weight "
+            f"- re-weighting on in {config.modulated_fraction:.0%} of batches"
+            + (f" from step {config.modulated_from_step}" if config.modulated_from_step else "")
+            + " (cross-attention weight "
             f"{config.modulated_cross_attention_weight}, self-attention weight "
             f"{config.modulated_self_attention_weight}, timesteps ≥ {config.modulation_min_timestep}), "
             f"{config.loose_region_fraction:.0%} of their scenes with loose "
