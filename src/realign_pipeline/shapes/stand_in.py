@@ -43,7 +43,7 @@ from ..pipeline_realign_diff import (
 )
 from .data import COLOURS, IMAGE_SIZE, parse_prompt
 from .ground_world import blank_padding_rows, padding_positions, phrase_token_positions
-from .judge import judge
+from .judge import Detection, judge
 
 
 @dataclass
@@ -104,7 +104,11 @@ def attention_split(maps: torch.Tensor, cells: torch.Tensor, own: list[int], end
 
 def judge_masks(image, prompt: str) -> list[np.ndarray | None]:
     """The judge's pixels of each object group (the union of its matching detections), ``None`` if not drawn."""
-    detections = judge(image, prompt).detections
+    return group_masks_of(judge(image, prompt).detections, prompt)
+
+
+def group_masks_of(detections: list[Detection], prompt: str) -> list[np.ndarray | None]:
+    """``judge_masks`` from detections the judge already made of the image."""
     masks = []
     for group in parse_prompt(prompt).groups:
         found = [d.mask for d in detections if d.colour == group.colour and d.shape == group.shape]
@@ -168,6 +172,9 @@ def probe_world(
     pipe.unet.set_attn_processor(RealignAttnProcessor())
     latent = pipe.unet.config.sample_size
     coarse_steps = max(1, round(coarse_stop_fraction * num_inference_steps))
+    # The prompts' conditions do not depend on the seed: encoded once.
+    blanked, empty = blanked_word_embeddings(pipe, prompts)
+    words_only = blanked_padding_embeddings(pipe, prompts)
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         shape = (len(prompts), pipe.unet.config.in_channels, latent, latent)
@@ -212,8 +219,6 @@ def probe_world(
                 own_full = F.interpolate(own.float()[None, None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="nearest")
                 result.attention_mask_iou.append(iou(own_full[0, 0].numpy() > 0.5, mask))
 
-        blanked, empty = blanked_word_embeddings(pipe, prompts)
-        words_only = blanked_padding_embeddings(pipe, prompts)
         for key, embeds in (("prompt", None), ("blanked", blanked), ("words only", words_only), ("empty", empty)):
             kwargs = (
                 {"prompt": prompts} if embeds is None else {"prompt_embeds": embeds, "negative_prompt_embeds": empty}
@@ -229,10 +234,7 @@ def probe_world(
                 drawn = {d.colour for d in detections}
                 named = [c for c in COLOURS if c in prompt.split()]
                 result.colour_present[key].extend(colour in drawn for colour in named)
-                result.object_present[key].extend(
-                    any(d.colour == group.colour and d.shape == group.shape for d in detections)
-                    for group in parse_prompt(prompt).groups
-                )
+                result.object_present[key].extend(mask is not None for mask in group_masks_of(detections, prompt))
     return result
 
 
