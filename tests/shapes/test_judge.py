@@ -17,7 +17,7 @@ from realign_pipeline.shapes.data import (
     render_scene,
     scene_for_prompt,
 )
-from realign_pipeline.shapes.judge import detect, evaluate, judge
+from realign_pipeline.shapes.judge import Detection, detect, evaluate, judge, named_object_masks
 
 NUM_SAMPLES = 300
 
@@ -120,3 +120,20 @@ def test_verdict_fields_and_prompt_spec_input(samples):
     summary = verdict.as_dict()
     assert set(summary) >= {"objects_present", "binding_correct", "count_correct", "relation_correct", "passed"}
     assert judge(sample.image, parse_prompt(sample.scene.caption)).passed
+
+
+def test_named_object_masks_unite_each_groups_matches_and_skip_near_misses():
+    def detection(colour: str, shape: str, column: int) -> Detection:
+        mask = np.zeros((4, 4), dtype=bool)
+        mask[0, column] = True
+        return Detection(colour, shape, (column, 0, column + 1, 1), 1, (column + 0.5, 0.5), mask)
+
+    found = [
+        detection("red", "circle", 0),
+        detection("red", "circle", 2),
+        detection("red", "square", 1),  # right colour, wrong shape: not the red circle
+        detection("blue", "circle", 3),  # right shape, wrong colour
+    ]
+    red_circles, blue_squares = named_object_masks(found, "two red circles and a blue square")
+    assert red_circles.tolist() == [[True, False, True, False]] + [[False] * 4] * 3
+    assert blue_squares is None

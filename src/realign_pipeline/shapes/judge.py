@@ -231,3 +231,14 @@ def judge(image: PIL.Image.Image | np.ndarray, prompt: str | PromptSpec) -> Verd
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     text = prompt if isinstance(prompt, str) else caption_for(spec)
     return evaluate(detect(image), spec, text)
+
+
+def named_object_masks(detections: list[Detection], prompt: str | PromptSpec) -> list[np.ndarray | None]:
+    """Each object group of ``prompt``: the union of the detections with its colour and its shape, ``None``
+    where none was found (the group is not drawn)."""
+    spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    masks = []
+    for group in spec.groups:
+        found = [d.mask for d in detections if d.colour == group.colour and d.shape == group.shape]
+        masks.append(np.any(found, axis=0) if found else None)
+    return masks

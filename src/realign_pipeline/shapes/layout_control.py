@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .data import IMAGE_SIZE, parse_prompt, phrase_for
 from .evaluate import paired_difference
-from .judge import judge
+from .judge import judge, named_object_masks
 
 if TYPE_CHECKING:
     from ..pipeline_realign_diff import Layout
@@ -134,16 +134,13 @@ class PlacementScore:
 
 def score_placement(image, case: LayoutCase) -> PlacementScore:
     """Where the judge finds each group of ``case.prompt`` in ``image``, against the case's regions."""
-    detections = judge(image, case.prompt).detections
-    shares, present = [], True
-    for group, region in zip(parse_prompt(case.prompt).groups, case.masks):
-        found = [d.mask for d in detections if d.colour == group.colour and d.shape == group.shape]
-        if not found:
-            present = False
-            shares.append(0.0)
-            continue
-        pixels = np.any(found, axis=0)
-        shares.append(float(np.logical_and(pixels, region).sum() / pixels.sum()))
+    found = named_object_masks(judge(image, case.prompt).detections, case.prompt)
+    present = all(pixels is not None for pixels in found)
+    # A missing object has no pixels in its region.
+    shares = [
+        0.0 if pixels is None else float(np.logical_and(pixels, region).sum() / pixels.sum())
+        for pixels, region in zip(found, case.masks)
+    ]
     placed = present and all(share >= PLACED_SHARE for share in shares)
     return PlacementScore(shares, placed, present)
 

@@ -41,9 +41,9 @@ from ..pipeline_realign_diff import (
     masks_from_attention_maps,
     words_with_token_positions,
 )
-from .data import COLOURS, IMAGE_SIZE, parse_prompt
+from .data import COLOURS, IMAGE_SIZE
 from .ground_world import blank_padding_rows, padding_positions, phrase_token_positions
-from .judge import Detection, judge
+from .judge import judge, named_object_masks
 
 
 @dataclass
@@ -104,16 +104,7 @@ def attention_split(maps: torch.Tensor, cells: torch.Tensor, own: list[int], end
 
 def judge_masks(image, prompt: str) -> list[np.ndarray | None]:
     """The judge's pixels of each object group (the union of its matching detections), ``None`` if not drawn."""
-    return group_masks_of(judge(image, prompt).detections, prompt)
-
-
-def group_masks_of(detections: list[Detection], prompt: str) -> list[np.ndarray | None]:
-    """``judge_masks`` from detections the judge already made of the image."""
-    masks = []
-    for group in parse_prompt(prompt).groups:
-        found = [d.mask for d in detections if d.colour == group.colour and d.shape == group.shape]
-        masks.append(np.any(found, axis=0) if found else None)
-    return masks
+    return named_object_masks(judge(image, prompt).detections, prompt)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -234,7 +225,7 @@ def probe_world(
                 drawn = {d.colour for d in detections}
                 named = [c for c in COLOURS if c in prompt.split()]
                 result.colour_present[key].extend(colour in drawn for colour in named)
-                result.object_present[key].extend(mask is not None for mask in group_masks_of(detections, prompt))
+                result.object_present[key].extend(mask is not None for mask in named_object_masks(detections, prompt))
     return result
 
 
