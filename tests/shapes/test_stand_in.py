@@ -39,6 +39,18 @@ def test_iou_by_hand():
     assert iou(a, np.zeros((4, 4), bool)) == 0.0
 
 
+def test_covered_share_is_precision_one_way_and_recall_the_other():
+    from realign_pipeline.shapes.stand_in import covered_share
+
+    predicted = np.zeros((4, 4), bool)
+    true = np.zeros((4, 4), bool)
+    predicted[:2] = True  # 8 pixels
+    true[1, :2] = True  # 2 pixels, both inside the prediction
+    assert covered_share(predicted, true) == pytest.approx(2 / 8)
+    assert covered_share(true, predicted) == 1.0
+    assert covered_share(np.zeros((4, 4), bool), true) == 0.0
+
+
 def test_attention_split_by_hand():
     from realign_pipeline.shapes.stand_in import attention_split
 
@@ -94,7 +106,17 @@ def test_probe_measures_every_named_object(world):
     summary = result.summary()
     assert result.objects_named == 4
     assert len(result.inside_share) == len(result.word_mass) == len(result.attention_mask_iou) == result.objects_found
-    assert all(0.0 <= value <= 1.0 for value in result.inside_share + result.attention_mask_iou)
+    per_object = [
+        result.attention_mask_iou,
+        result.attention_mask_precision,
+        result.attention_mask_recall,
+        result.attention_mask_iou_all_steps,
+    ]
+    assert all(len(values) == result.objects_found for values in per_object)
+    assert all(0.0 <= value <= 1.0 for value in result.inside_share + sum(per_object, []))
+    # An IoU is at most the smaller of the mask's precision and recall.
+    for score, precision, recall in zip(*per_object[:3]):
+        assert score <= min(precision, recall) + 1e-9
     assert result.objects_found > 0
     # Attention rows sum to 1, so the split's shares add up to 1 and its own-word share is the word mass.
     split = result.attention_split

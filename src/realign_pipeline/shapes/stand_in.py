@@ -54,6 +54,11 @@ class ProbeResult:
     word_mass: list[float] = field(default_factory=list)
     attention_split: dict[str, list[float]] = field(default_factory=lambda: {key: [] for key in SPLIT_KEYS})
     attention_mask_iou: list[float] = field(default_factory=list)
+    # Why an IoU is low: the share of the attention mask on the object (precision) and of the object under the
+    # mask (recall); and the IoU that masks made from every step's maps would give, not the coarse pass's only.
+    attention_mask_precision: list[float] = field(default_factory=list)
+    attention_mask_recall: list[float] = field(default_factory=list)
+    attention_mask_iou_all_steps: list[float] = field(default_factory=list)
     colour_present: dict[str, list[bool]] = field(default_factory=lambda: {key: [] for key in PROMPT_CONDITIONS})
     # Per named object group, under each condition: drawn with its colour and its shape. Colours alone can come
     # through where the objects do not (a red blob for "a red circle").
@@ -73,6 +78,9 @@ class ProbeResult:
             "object_attention_split": {key: mean(values) for key, values in self.attention_split.items()},
             "attention_mask_iou": mean(self.attention_mask_iou),
             "attention_mask_iou_at_least_0.5": mean([v >= 0.5 for v in self.attention_mask_iou]),
+            "attention_mask_precision": mean(self.attention_mask_precision),
+            "attention_mask_recall": mean(self.attention_mask_recall),
+            "attention_mask_iou_all_steps": mean(self.attention_mask_iou_all_steps),
             "named_colour_present": {key: mean(values) for key, values in self.colour_present.items()},
             "named_object_present": {key: mean(values) for key, values in self.object_present.items()},
         }
@@ -110,6 +118,19 @@ def judge_masks(image, prompt: str) -> list[np.ndarray | None]:
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def covered_share(a: np.ndarray, b: np.ndarray) -> float:
+    """The share of ``a``'s pixels that ``b`` covers (0 for an empty ``a``): precision as
+    ``covered_share(predicted, true)``, recall as ``covered_share(true, predicted)``."""
+    area = a.sum()
+    return float(np.logical_and(a, b).sum() / area) if area else 0.0
+
+
+def upsampled(cells: torch.Tensor) -> np.ndarray:
+    """A bool mask on the attention grid, as the image's pixels (nearest neighbour)."""
+    full = F.interpolate(cells.float()[None, None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="nearest")
+    return full[0, 0].numpy() > 0.5
 
 
 def prompt_and_empty_encodings(
@@ -197,7 +218,8 @@ def probe_world(
             maps16 = all_steps[(latent, latent)][index]
             grid = attention_map_grid(list(early), (latent, latent))
             own_masks = masks_from_attention_maps(early[grid][index], groups)
-            for tokens, mask, own in zip(groups, found, own_masks):
+            all_step_masks = masks_from_attention_maps(all_steps[grid][index], groups)
+            for tokens, mask, own, own_all_steps in zip(groups, found, own_masks, all_step_masks):
                 if mask is None:
                     continue
                 cells = F.interpolate(torch.from_numpy(mask).float()[None, None], size=(latent, latent), mode="area")
@@ -207,8 +229,11 @@ def probe_world(
                 result.word_mass.append(float((word_map * cells).sum() / cells.sum().clamp(min=1e-12)))
                 for key, share in attention_split(maps16, cells, tokens, end).items():
                     result.attention_split[key].append(share)
-                own_full = F.interpolate(own.float()[None, None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="nearest")
-                result.attention_mask_iou.append(iou(own_full[0, 0].numpy() > 0.5, mask))
+                own_full = upsampled(own)
+                result.attention_mask_iou.append(iou(own_full, mask))
+                result.attention_mask_precision.append(covered_share(own_full, mask))
+                result.attention_mask_recall.append(covered_share(mask, own_full))
+                result.attention_mask_iou_all_steps.append(iou(upsampled(own_all_steps), mask))
 
         for key, embeds in (("prompt", None), ("blanked", blanked), ("words only", words_only), ("empty", empty)):
             kwargs = (
