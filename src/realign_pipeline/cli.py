@@ -590,11 +590,15 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="torch device (default: cpu for shapes and layout; t2i-compbench: accelerate's device per process)",
     )
+    weights = parser.add_argument_group(
+        "re-weighting strengths (shapes and layout; the pipeline's defaults, DenseDiffusion's, unless a world's own "
+        "were chosen on the development split)"
+    )
+    weights.add_argument("--cross-attention-weight", type=non_negative_float, default=1.0, help="(default 1.0)")
+    weights.add_argument("--self-attention-weight", type=non_negative_float, default=0.3, help="(default 0.3)")
+    weights.add_argument("--modulation-fraction", type=fraction, default=0.3, help="(default 0.3)")
     layout = parser.add_argument_group("layout control (--benchmark layout)")
     layout.add_argument("--layout-unet", default="unet", help="the world's UNet subfolder (default unet)")
-    layout.add_argument("--cross-attention-weight", type=non_negative_float, default=1.0, help="(default 1.0)")
-    layout.add_argument("--self-attention-weight", type=non_negative_float, default=0.3, help="(default 0.3)")
-    layout.add_argument("--modulation-fraction", type=fraction, default=0.3, help="(default 0.3)")
     add_compbench_arguments(parser)
     parser.set_defaults(run=run_eval, usage_prog=parser.prog)
 
@@ -719,6 +723,9 @@ def run_shapes_eval(args: argparse.Namespace) -> None:
         seed=args.seed,
         batch_size=args.batch_size,
         coarse_stop_fraction=args.coarse_stop_fraction,
+        cross_attention_weight=args.cross_attention_weight,
+        self_attention_weight=args.self_attention_weight,
+        modulation_fraction=args.modulation_fraction,
         device=device,
     )
     if args.threads is not None:
@@ -730,7 +737,8 @@ def run_shapes_eval(args: argparse.Namespace) -> None:
     print(
         f"\naccuracy in % (every check passed), 95% Wilson interval in brackets; s/image is generation wall time "
         f"only ({settings.split} prompts, {settings.seeds} seed(s) each, {settings.num_inference_steps} steps, "
-        f"guidance {settings.guidance_scale})\n"
+        f"guidance {settings.guidance_scale}; re-weighting rows: cross {settings.cross_attention_weight}, self "
+        f"{settings.self_attention_weight}, {settings.modulation_fraction:.0%} of the steps)\n"
     )
     print(format_criteria_table(results))
     print("\neach category's own check alone, in % with its 95% Wilson interval\n")

@@ -558,7 +558,15 @@ def test_run_configuration_hands_the_settings_to_the_pipeline_and_counts_every_p
     prompt_sets["relation"] = ["a red circle on the left of a blue square"]
     prompts = [*prompt_sets["binding"], *prompt_sets["relation"]]
     settings = EvalSettings(
-        num_inference_steps=1, guidance_scale=2.5, batch_size=2, seed=4, coarse_stop_fraction=0.5, seeds=1
+        num_inference_steps=1,
+        guidance_scale=2.5,
+        batch_size=2,
+        seed=4,
+        coarse_stop_fraction=0.5,
+        seeds=1,
+        cross_attention_weight=0.7,
+        self_attention_weight=1.0,
+        modulation_fraction=0.6,
     )
     spies = {}
     for name in ("reweight-true-masks", "reweight-grounded"):
@@ -580,6 +588,8 @@ def test_run_configuration_hands_the_settings_to_the_pipeline_and_counts_every_p
         for batch_index, (_, _, kwargs) in enumerate(spy.calls):
             steps = (kwargs["num_inference_steps"], kwargs["guidance_scale"], kwargs["coarse_stop_fraction"])
             assert steps == (1, 2.5, 0.5)
+            strengths = (kwargs["cross_attention_weight"], kwargs["self_attention_weight"])
+            assert strengths == (0.7, 1.0) and kwargs["modulation_fraction"] == 0.6
             assert kwargs["realign"] is True and kwargs["generator"].initial_seed() == 4 + batch_index
     # True masks: the layout of each prompt comes from its own stream (seed, category position, index).
     true_masks = spies["reweight-true-masks"].calls
@@ -654,6 +664,9 @@ def test_load_pipeline_loads_the_asked_unet_in_float32():
         ({"coarse_stop_fraction": 1.5}, "coarse_stop_fraction must be in"),
         ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number >= 0, got nan"),
         ({"guidance_scale": -0.5}, "guidance_scale must be a finite number >= 0"),
+        ({"cross_attention_weight": float("inf")}, "cross_attention_weight must be a finite number >= 0, got inf"),
+        ({"self_attention_weight": -1.0}, "self_attention_weight must be a finite number >= 0"),
+        ({"modulation_fraction": 1.5}, r"modulation_fraction must be in \[0, 1\], got 1.5"),
     ],
 )
 def test_eval_settings_refuse_bad_values_by_name(options, message):

@@ -313,6 +313,11 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = DEFAULT_BATCH_SIZE
     coarse_stop_fraction: float = 0.3
+    # The re-weighting rows' strengths, the pipeline's defaults (DenseDiffusion's) unless a world's own were
+    # chosen on the development split.
+    cross_attention_weight: float = 1.0
+    self_attention_weight: float = 0.3
+    modulation_fraction: float = 0.3
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -323,8 +328,11 @@ class EvalSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.coarse_stop_fraction <= 1:
             raise ValueError(f"coarse_stop_fraction must be in (0, 1], got {self.coarse_stop_fraction}")
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
+        for name in ("guidance_scale", "cross_attention_weight", "self_attention_weight"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.modulation_fraction <= 1:
+            raise ValueError(f"modulation_fraction must be in [0, 1], got {self.modulation_fraction}")
 
 
 @dataclass
@@ -580,6 +588,9 @@ def run_configuration(
             regions=regions,
             grounder=ShapesGrounder() if configuration.masks == "grounder" else None,
             coarse_stop_fraction=settings.coarse_stop_fraction,
+            cross_attention_weight=settings.cross_attention_weight,
+            self_attention_weight=settings.self_attention_weight,
+            modulation_fraction=settings.modulation_fraction,
         )
         seconds[category] += time.perf_counter() - started
         images_by_category[category].extend(output.images)
