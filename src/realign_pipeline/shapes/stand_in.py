@@ -11,8 +11,10 @@ images of a prompt split (each object located by the judge) this module measures
    their own words (the rest goes to other words, ``<|startoftext|>``, the end token and the padding, each
    share given in ``object_attention_split``);
 2. ``attention_mask_iou``: the IoU of the masks that the pipeline's own attention grounder
-   (``masks_from_attention_maps`` over the steps the coarse pass runs) gives each object phrase with the
-   judge's mask of that object in the finished image from the same noise;
+   (``masks_from_attention_maps`` over the steps the coarse pass runs: the first 30%, the pipeline's default)
+   gives each object phrase with the judge's mask of that object in the finished image from the same noise,
+   and ``attention_mask_iou_all_steps`` the same for masks made over every step (a coarse pass run to the end,
+   as in the paper); the masks' precision and recall say whether a low IoU is a mask too large or misplaced;
 3. the blank-the-words test: each named colour's presence (and each named object's: its colour and its shape
    together, ``named_object_present``) when the prompt is encoded as it is, when the
    word tokens' encodings are replaced by the empty prompt's at the same positions (everything else, end
@@ -81,6 +83,7 @@ class ProbeResult:
             "attention_mask_precision": mean(self.attention_mask_precision),
             "attention_mask_recall": mean(self.attention_mask_recall),
             "attention_mask_iou_all_steps": mean(self.attention_mask_iou_all_steps),
+            "attention_mask_iou_all_steps_at_least_0.5": mean([v >= 0.5 for v in self.attention_mask_iou_all_steps]),
             "named_colour_present": {key: mean(values) for key, values in self.colour_present.items()},
             "named_object_present": {key: mean(values) for key, values in self.object_present.items()},
         }
