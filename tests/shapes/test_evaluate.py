@@ -294,6 +294,17 @@ def test_realign_eval_end_to_end(tmp_path, capsys):
         assert sheet.height > 3 * 64  # one row of images per category
 
 
+def test_realign_eval_hands_the_re_weighting_strengths_to_the_ablation(tmp_path, capsys):
+    world = copy_world(tmp_path / "world")
+    output = tmp_path / "eval"
+    strengths = ["--cross-attention-weight", "0.5", "--self-attention-weight", "0.8", "--modulation-fraction", "0.4"]
+    main([*eval_args(world, output), "--seeds", "1", "--configurations", "base", *strengths])
+    settings = json.loads((output / "results.json").read_text())["settings"]
+    assert (settings["cross_attention_weight"], settings["self_attention_weight"]) == (0.5, 0.8)
+    assert settings["modulation_fraction"] == 0.4
+    assert "re-weighting rows: cross 0.5, self 0.8, 40% of the steps" in capsys.readouterr().out
+
+
 def test_missing_finetuned_unet_fails_before_generating(tmp_path, capsys):
     world = copy_world(tmp_path / "world")
     output = tmp_path / "eval"

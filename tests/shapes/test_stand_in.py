@@ -135,6 +135,15 @@ def test_probe_measures_every_named_object(world):
     assert set(summary["named_colour_present"]) == {"prompt", "blanked", "words only", "empty"}
 
 
+def test_a_coarse_pass_run_to_the_end_makes_the_all_step_masks(world):
+    # With the coarse pass over every step, the pipeline's own masks are the all-step masks: the two IoUs agree
+    # object by object. (Over the first 30% they come from other maps; see the probe's report.)
+    prompts = ["a red circle and a blue square", "a white square above a purple circle"]
+    result = probe_world(world, prompts, seeds=[0, 1], num_inference_steps=8, coarse_stop_fraction=1.0)
+    assert max(result.attention_mask_iou_all_steps) > 0  # some mask overlaps its object, or equality says little
+    assert result.attention_mask_iou == result.attention_mask_iou_all_steps
+
+
 def test_realign_world_probe_prints_the_three_measurements(capsys):
     import json
 
