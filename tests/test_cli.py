@@ -38,8 +38,21 @@ def test_generate_writes_images_masks_layouts_and_panel(toy_pipeline_folder, tmp
     assert (out / "000-coarse.png").exists() and (out / "001-final.png").exists()
 
 
-def test_demo_says_which_model_it_used(tmp_path, capsys):
+def test_demo_says_which_model_it_used(tmp_path, capsys, monkeypatch):
+    from realign_pipeline.shapes import layout_control
+
+    layout_calls = []
+
+    def recording_draw_layout_demo(*args, **kwargs):
+        layout_calls.append(kwargs)
+        return real_draw_layout_demo(*args, **kwargs)
+
+    real_draw_layout_demo = layout_control.draw_layout_demo
+    monkeypatch.setattr(layout_control, "draw_layout_demo", recording_draw_layout_demo)
     main(["demo", "--output", str(tmp_path / "demo"), "--steps", "2"])
+    # The layout panel runs at the world's settings from its model card, not DenseDiffusion's SD defaults.
+    settings = {"guidance_scale": 2.0, "cross_attention_weight": 1.0, "self_attention_weight": 1.0}
+    assert layout_calls == [{**settings, "modulation_fraction": 0.6}]
     printed = capsys.readouterr().out
     assert "demo model: the shapes world" in printed
     assert printed.count("judge, coarse:") == 4 and printed.count("judge, final:") == 4

@@ -388,11 +388,12 @@ def run_demo(args: argparse.Namespace) -> None:
         )
         layout_demo = None
         if folder == BUILTIN_WORLD:
-            from .shapes.layout_control import draw_layout_demo, layout_prompts
+            from .shapes.layout_control import WORLD_LAYOUT_SETTINGS, draw_layout_demo, layout_prompts
 
-            # Layout control (``realign eval --benchmark layout``) for one development prompt and seed.
+            # Layout control (``realign eval --benchmark layout``) for one development prompt and seed, at the
+            # world's own settings (its model card).
             layout_demo = draw_layout_demo(
-                pipe, layout_prompts("development", 1)[0], args.seed, args.steps, guidance_scale
+                pipe, layout_prompts("development", 1)[0], args.seed, args.steps, **WORLD_LAYOUT_SETTINGS
             )
     notes = None
     if folder == BUILTIN_WORLD:
@@ -414,6 +415,10 @@ def run_demo(args: argparse.Namespace) -> None:
         for line in notes[index] if notes else []:
             print(f"    {line}")
     if layout_demo is not None:
+        from .shapes.layout_control import WORLD_LAYOUT_SETTINGS
+
+        settings = ", ".join(f"{name} {value:g}" for name, value in WORLD_LAYOUT_SETTINGS.items())
+        print(f"layout control at the world's settings (its model card): {settings}")
         write_layout_demo(layout_demo, out_folder)
     print(f"wrote coarse images, masks, final images and panel.png to {out_folder}")
 

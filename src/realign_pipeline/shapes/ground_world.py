@@ -35,10 +35,11 @@ free, with three terms beside the ordinary denoising loss:
    objects; wrong ones do not), not evidence that the re-weighting works training-free. Its
    model card says which terms made it.
 
-The result stays an ordinary diffusers ``StableDiffusionPipeline`` folder (same architecture, tokenizer, VAE
-and captioner as the world it starts from; ``prompt_length`` may pad prompts shorter), with a model card that says
-how it was made. One resumable, seeded command: the state is checkpointed as safetensors (weights, optimizer
-moments, EMA, RNG) every ``checkpoint_every`` steps.
+The built-in world's ``unet/`` and ``text_encoder/`` were made this way, with terms 2-4 and the padding kept (its
+model card has the command). The result stays an ordinary diffusers ``StableDiffusionPipeline`` folder (same
+architecture, tokenizer, VAE and captioner as the world it starts from; ``prompt_length`` may pad prompts shorter),
+with a model card that says how it was made. One resumable, seeded command: the state is checkpointed as
+safetensors (weights, optimizer moments, EMA, RNG) every ``checkpoint_every`` steps.
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ GROUNDING_LIMITS: dict[str, Limit] = {
 class GroundingConfig:
     """Everything that decides the grounded world."""
 
+    # The built-in world has itself been grounded by this module (its model card gives the options); to reproduce
+    # it, start from what ``realign world train`` makes.
     world: str = str(WORLD)
     output_dir: str = "outputs/shapes-world-grounded"
     work_dir: str | None = None  # checkpoints and caches; default "<output_dir>-work"
@@ -141,7 +144,7 @@ class GroundingConfig:
     token_loss_weight: float = 0.3
     pixel_loss_weight: float = 0.05
     padding_loss_weight: float = 1.0
-    # Term 1 itself. False keeps the prompt in the padding (as the committed world reads it) and trains only the
+    # Term 1 itself. False keeps the prompt in the padding (as the world before grounding reads it) and trains only the
     # grounding terms and the modulated batches: a world that keeps its drawing and learns to follow regions.
     blank_padding: bool = True
     # With the padding kept: the share of scenes whose UNet input has the padding blanked all the same, so that the

@@ -42,6 +42,14 @@ if TYPE_CHECKING:
 
 PLACED_SHARE = 0.7
 LAYOUT_KINDS = ("halves", "thirds", "boxes")
+# The built-in world's settings for layout control, chosen on the development splits (its model card, "Settings
+# for layout control"). The pipeline's own defaults stay DenseDiffusion's for Stable Diffusion.
+WORLD_LAYOUT_SETTINGS: dict[str, float] = {
+    "guidance_scale": 2.0,
+    "cross_attention_weight": 1.0,
+    "self_attention_weight": 1.0,
+    "modulation_fraction": 0.6,
+}
 
 
 @dataclass(frozen=True)
