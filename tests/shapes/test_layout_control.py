@@ -269,3 +269,11 @@ def test_regions_steer_the_built_in_world_at_its_settings():
     assert len(result.realigned) == 32
     assert mean_share(result.realigned) - mean_share(result.plain) >= 0.1
     assert sum(s.placed for s in result.realigned) >= sum(s.placed for s in result.plain) + 5
+
+
+def test_the_world_model_card_gives_the_layout_settings_the_demo_uses():
+    from realign_pipeline.shapes.ground_world import WORLD
+    from realign_pipeline.shapes.layout_control import WORLD_LAYOUT_SETTINGS
+
+    card = " ".join((WORLD / "README.md").read_text().split())
+    assert ", ".join(f"{name}={value}" for name, value in WORLD_LAYOUT_SETTINGS.items()) in card
