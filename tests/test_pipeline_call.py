@@ -301,6 +301,34 @@ def test_processors_are_installed_once_and_each_call_picks_its_implementation(pi
     assert "SlicedAttnProcessor" in REPLACEABLE_PROCESSORS
 
 
+def test_a_function_of_ones_own_can_replace_the_modulation(pipe):
+    """``attention_implementation`` also takes a function with the reference's signature: it gets the
+    modulated layers' inputs, and what it returns is what the fine pass uses."""
+    seen_strengths = []
+
+    def no_modulation(query, key, value, *, scale, strength, query_regions, key_regions):
+        seen_strengths.append(float(strength.max()))
+        return reweighted_attention_reference(
+            query,
+            key,
+            value,
+            scale=scale,
+            strength=torch.zeros_like(strength),
+            query_regions=query_regions,
+            key_regions=key_regions,
+        )
+
+    kwargs = dict(num_inference_steps=4, regions=user_regions(), output_type="np", modulation_fraction=1.0)
+    seeded = dict(generator=torch.Generator().manual_seed(0))
+    custom = pipe(PROMPT, **seeded, attention_implementation=no_modulation, **kwargs).images
+    unweighted = dict(cross_attention_weight=0.0, self_attention_weight=0.0)
+    plain = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **unweighted, **kwargs).images
+    assert seen_strengths and max(seen_strengths) > 0
+    assert np.abs(custom - plain).max() < 1e-5
+    modulated = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.abs(modulated - plain).max() > 1e-3
+
+
 def test_plain_calls_are_unchanged_by_the_installed_processors(pipe, sd_pipe):
     pipe(PROMPT, num_inference_steps=1, regions=user_regions(), output_type="np")
     converted = StableDiffusionPipeline.from_pipe(pipe)

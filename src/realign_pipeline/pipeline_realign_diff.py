@@ -1572,7 +1572,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         cross_attention_weight: float = 1.0,
         self_attention_weight: float = 0.3,
         area_weight: float = 1.0,
-        attention_implementation: str = "fast",
+        attention_implementation: str | AttentionFunction = "fast",
     ) -> None:
         """Every input check of a call, before any work: the parent's, then RealignDiff's.
 
@@ -1617,10 +1617,10 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         ):
             if value < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {value}.")
-        if attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+        if not callable(attention_implementation) and attention_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
-                f"`attention_implementation` must be one of {sorted(ATTENTION_IMPLEMENTATIONS)}, "
-                f"got {attention_implementation!r}."
+                f"`attention_implementation` must be one of {sorted(ATTENTION_IMPLEMENTATIONS)} or a function with "
+                f"`reweighted_attention_reference`'s signature, got {attention_implementation!r}."
             )
         if num_images_per_prompt is None or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}.")
@@ -1699,7 +1699,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         self_attention_weight: float = 0.3,
         area_weight: float = 1.0,
         swap_region_embeddings: bool = True,
-        attention_implementation: str = "fast",
+        attention_implementation: str | AttentionFunction = "fast",
     ) -> RealignDiffPipelineOutput | tuple:
         r"""Generate images with RealignDiff's two passes.
 
@@ -1746,8 +1746,9 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             swap_region_embeddings (`bool`, defaults to `True`): replace each region's tokens in the
                 prompt embedding by its caption's own encoding (DenseDiffusion), encoded as the prompt
                 is (`clip_skip` included).
-            attention_implementation (`str`, defaults to `"fast"`): `"fast"` (one fused SDPA call, no
-                N×N matrix) or `"reference"` (DenseDiffusion's materialised scores); same result.
+            attention_implementation (`str` or callable, defaults to `"fast"`): `"fast"` (one fused SDPA call,
+                no N×N matrix) or `"reference"` (DenseDiffusion's materialised scores); same result. Or a
+                function with `reweighted_attention_reference`'s signature, to try another modulation.
 
         Returns:
             `RealignDiffPipelineOutput` (or a tuple `(images, nsfw_content_detected, coarse_images,
@@ -1941,7 +1942,9 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             area_weight=area_weight,
             conditional_half_only=self.do_classifier_free_guidance,
             num_train_timesteps=num_train_timesteps,
-            attention_function=ATTENTION_IMPLEMENTATIONS[attention_implementation],
+            attention_function=attention_implementation
+            if callable(attention_implementation)
+            else ATTENTION_IMPLEMENTATIONS[attention_implementation],
         )
         fine_latents = self.denoise(
             initial_latents.clone(),
