@@ -28,27 +28,24 @@ from realign_pipeline.shapes.layout_control import (
 
 
 def unowned_keys_unmodulated(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    scale: float,
-    strength: torch.Tensor,
-    query_regions: torch.Tensor,
-    key_regions: torch.Tensor,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **modulation: torch.Tensor | float
 ) -> torch.Tensor:
-    """DenseDiffusion's Eq. 5-6 (as ``reweighted_attention_reference``), except that in cross-attention a key no
-    region owns (``key_regions`` row of zeros: the start and end tokens, the padding, words of no region) keeps its
-    score instead of being lowered towards the row minimum. Self-attention is modulated as published."""
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_min = scores.amin(dim=-1, keepdim=True)
-    same_region = torch.matmul(query_regions.float(), key_regions.float().transpose(-1, -2)).clamp(max=1.0)[:, None]
-    lam = strength.float()[:, None, :, None]
-    is_cross_attention = key_regions.shape[1] != query_regions.shape[1]
-    owned = (key_regions.float().sum(-1) > 0).float()[:, None, None, :] if is_cross_attention else 1.0
-    scores = scores + lam * same_region * (row_max - scores) - lam * owned * (1.0 - same_region) * (scores - row_min)
-    return torch.matmul(scores.softmax(dim=-1), value.float()).to(value.dtype)
+    """DenseDiffusion's Eq. 5-6 (as ``reweighted_attention_reference``, whose keyword arguments it takes), except
+    that in cross-attention a key no region owns (``key_regions`` row of zeros: the start and end tokens, the
+    padding, words of no region) keeps its score instead of being lowered towards the row minimum.
+    Self-attention is modulated as published."""
+    query_regions, key_regions = modulation["query_regions"].float(), modulation["key_regions"].float()
+    logits = modulation["scale"] * torch.matmul(query.float(), key.float().transpose(-1, -2))
+    in_region = torch.matmul(query_regions, key_regions.transpose(-1, -2)).clamp(max=1.0)[:, None]
+    if key_regions.shape[1] != query_regions.shape[1]:  # cross-attention: only owned keys are lowered
+        in_region_or_unowned = torch.maximum(in_region, (key_regions.sum(-1) == 0).float()[:, None, None, :])
+    else:
+        in_region_or_unowned = in_region
+    raise_to_max = in_region * (logits.amax(dim=-1, keepdim=True) - logits)
+    lower_to_min = (1.0 - in_region_or_unowned) * (logits - logits.amin(dim=-1, keepdim=True))
+    strength = modulation["strength"].float()[:, None, :, None]
+    weights = torch.softmax(logits + strength * (raise_to_max - lower_to_min), dim=-1)
+    return torch.matmul(weights, value.float()).to(value.dtype)
 
 
 def rate(scores: list, field: str) -> float:
