@@ -24,8 +24,9 @@ layout it is paired with, so plain's ``placed`` rate is the chance rate of that 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,12 +45,9 @@ PLACED_SHARE = 0.7
 LAYOUT_KINDS = ("halves", "thirds", "boxes")
 # The built-in world's settings for layout control, chosen on the development splits (its model card, "Settings
 # for layout control"). The pipeline's own defaults stay DenseDiffusion's for Stable Diffusion.
-WORLD_LAYOUT_SETTINGS: dict[str, float] = {
-    "guidance_scale": 2.0,
-    "cross_attention_weight": 1.0,
-    "self_attention_weight": 1.0,
-    "modulation_fraction": 0.6,
-}
+WORLD_LAYOUT_SETTINGS: Mapping[str, float] = MappingProxyType(
+    {"guidance_scale": 2.0, "cross_attention_weight": 1.0, "self_attention_weight": 1.0, "modulation_fraction": 0.6}
+)
 
 
 @dataclass(frozen=True)
