@@ -14,7 +14,6 @@ evaluation prompts stay for the final tables.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from realign_pipeline import RealignDiffPipeline
@@ -48,14 +47,6 @@ def unowned_keys_unmodulated(
     return torch.matmul(weights, value.float()).to(value.dtype)
 
 
-def rate(scores: list, field: str) -> float:
-    return sum(getattr(score, field) for score in scores) / len(scores)
-
-
-def mean_share(scores: list) -> float:
-    return float(np.mean([np.mean(score.shares) for score in scores]))
-
-
 def main() -> None:
     torch.set_num_threads(2)
     pipe = RealignDiffPipeline.from_pretrained(WORLD)
@@ -74,13 +65,12 @@ def main() -> None:
                 attention_implementation=implementation,
                 **settings,
             )
-            n = len(result.plain)
-            print(
-                f"{name:26s} {split:17s} n={n}: placed {rate(result.plain, 'placed'):.3f} -> "
-                f"{rate(result.realigned, 'placed'):.3f}, present {rate(result.plain, 'present'):.3f} -> "
-                f"{rate(result.realigned, 'present'):.3f}, share {mean_share(result.plain):.3f} -> "
-                f"{mean_share(result.realigned):.3f}"
+            summary = result.summary()
+            metrics = ", ".join(
+                f"{metric} {summary[metric]['plain']:.3f} -> {summary[metric]['realigned']:.3f}"
+                for metric in ("placed", "present", "share")
             )
+            print(f"{name:26s} {split:17s} n={summary['n']}: {metrics}")
 
 
 if __name__ == "__main__":
